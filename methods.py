@@ -1,0 +1,199 @@
+"""What one training step optimises: the method interface, Full FT and NRCA (paper Sec. 3.2, Alg. 1).
+
+A *method* turns a collated batch into a scalar loss. `train.py` owns everything else (data, optimiser,
+distribution, checkpoints) and calls a method through four hooks:
+
+    method = METHOD(cfg, mllm, named_trainable_params)   # once, after the model is frozen/wrapped
+    loss, metrics = method.loss(forward, batch)          # every micro-batch; train.py calls backward
+    method.after_optimizer_step()                        # every optimiser step (masks, SPIDER)
+    method.extra_memory_bytes()                          # reported at start (paper Table 2)
+    method.state_dict() / method.load_state_dict(state)  # resumable state (masks, accumulators)
+
+`forward(attention_mask, logits_mask, input_ids=None, pixel_values=None, inputs_embeds=None)` runs the
+(DDP/FSDP-wrapped) model and returns the logits of the rows where `logits_mask` (B, T) is True, as a
+(N, V) tensor: the full (B, T, V) logits are never built on the training path.
+
+Counterparts live in their own files (baselines.py, spider.py, modality_interference.py) and are found
+through `METHODS`; adding one is a small class with the hooks above.
+
+All methods share the released code's CE reduction (NOTES.md): per-sample mean over its answer
+tokens, then the mean over samples (Eq. 5a), so `lam = 0` or `delta = 0` reduces NRCA to Full FT.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+from confidence_kernel import token_confidence
+from noise import noisy_mixup
+from nrca import answer_mean, nrca_objective
+
+IGNORE_INDEX = -100
+
+
+def answer_positions(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX):
+    """Rows whose logits predict an answer token: logits at t predict labels at t + 1.
+
+    Returns `logits_mask` (B, T) bool and `targets` (N,) in the row-major order that
+    `hidden[logits_mask]` produces.
+    """
+    next_labels = labels[:, 1:]  # (B, T-1)
+    is_answer = next_labels != ignore_index  # (B, T-1)
+    logits_mask = torch.zeros_like(labels, dtype=torch.bool)  # (B, T)
+    logits_mask[:, :-1] = is_answer
+    return logits_mask, next_labels[is_answer]
+
+
+def model_forward(model):
+    """The `forward` callable methods receive: answer-row logits (N, V) from `model` (maybe wrapped)."""
+
+    def forward(attention_mask, logits_mask, input_ids=None, pixel_values=None, inputs_embeds=None):
+        return model(input_ids=input_ids, pixel_values=pixel_values, inputs_embeds=inputs_embeds,
+                     attention_mask=attention_mask, logits_to_keep=logits_mask).logits
+
+    return forward
+
+
+def scatter_rows(values: torch.Tensor, logits_mask: torch.Tensor) -> torch.Tensor:
+    """Put per-row values (N,) back on the (B, T) grid (zeros elsewhere), keeping the graph."""
+    dense = values.new_zeros(logits_mask.shape)  # (B, T)
+    return dense.masked_scatter(logits_mask, values)
+
+
+class Method:
+    """Full fine-tuning: plain CE (Eq. 5a), the base every other method builds on."""
+
+    name = "full"
+
+    def __init__(self, cfg, mllm, named_params):
+        self.cfg = cfg
+        self.mllm = mllm
+        self.named_params = list(named_params)
+
+    # --- the pieces other methods reuse -------------------------------------------------------
+    def token_stats(self, forward, batch, pixel_values=None, inputs_embeds=None):
+        """Per-token (confidence, nll) on the (B, T) grid for one branch, and the answer mask."""
+        logits_mask, targets = answer_positions(batch["labels"])
+        if inputs_embeds is not None:
+            logits = forward(batch["attention_mask"], logits_mask, inputs_embeds=inputs_embeds)
+        else:
+            pixels = batch["pixel_values"] if pixel_values is None else pixel_values
+            logits = forward(batch["attention_mask"], logits_mask, input_ids=batch["input_ids"],
+                             pixel_values=pixels)  # (N, V)
+        confidence, nll = token_confidence(logits, targets)  # (N,), (N,)
+        return scatter_rows(confidence, logits_mask), scatter_rows(nll, logits_mask), logits_mask
+
+    @staticmethod
+    def sample_mean_ce(nll, mask):
+        """Eq. (5a) per sample, then the mean over samples that have an answer token."""
+        ce, has_answer = answer_mean(nll, mask)  # (B,), (B,)
+        n = has_answer.sum()
+        return (ce * has_answer).sum() / n.clamp(min=1), int(n), int((~has_answer).sum())
+
+    # --- the hooks ------------------------------------------------------------------------------
+    def loss(self, forward, batch):
+        _, nll, mask = self.token_stats(forward, batch)
+        ce, _, n_empty = self.sample_mean_ce(nll, mask)
+        return ce, {"ce": ce.detach(), "n_empty": n_empty}
+
+    def after_optimizer_step(self):
+        pass
+
+    def extra_memory_bytes(self) -> int:
+        return 0
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+FullFinetune = Method
+
+
+class NRCA(Method):
+    """Noise Resilient Confidence Alignment: Eq. (2) noisy view, Eq. (4)-(6) loss.
+
+    `impl="fused"` (ours): clean and noisy images in one forward of 2B samples with the text shared,
+    logits only at answer rows, the fused confidence kernel on both branches.
+    `impl="released"`: the authors' way, two forwards with full fp32 (B, T, V) logits, softmax and
+    PyTorch cross entropy; kept for comparison and for bench/bench_step.py. Both feed the same
+    `nrca_objective`, so they agree up to float rounding.
+    """
+
+    name = "nrca"
+
+    def noisy_pixels(self, batch):
+        # Eq. (2a)-(2b); a per-step generator keeps the noise reproducible across resume and ranks.
+        generator = torch.Generator(device=batch["pixel_values"].device)
+        generator.manual_seed(int(batch["noise_seed"]))
+        return noisy_mixup(batch["pixel_values"], delta=self.cfg.delta, stats=self.cfg.noise_stats,
+                           generator=generator)
+
+    def loss(self, forward, batch):
+        noisy = self.noisy_pixels(batch)
+        if self.cfg.nrca_impl == "released":
+            clean_stats = released_token_stats(forward, batch, batch["pixel_values"])
+            noisy_stats = released_token_stats(forward, batch, noisy)
+        else:
+            clean_stats, noisy_stats = self.two_branch_stats(forward, batch, noisy)
+        (confidence, nll, mask), (noisy_confidence, _, _) = clean_stats, noisy_stats
+        out = nrca_objective(nll, confidence, noisy_confidence, mask, lam=self.cfg.lam,
+                             min_open_tokens=self.cfg.min_open_tokens)
+        metrics = {"ce": out.ce.detach(), "alignment": out.alignment.detach(),
+                   "n_open": int(out.n_open), "n_empty": int(out.n_empty)}
+        return out.total, metrics
+
+    def two_branch_stats(self, forward, batch, noisy):
+        """One forward of 2B samples: [clean; noisy] images, the same token ids twice."""
+        logits_mask, targets = answer_positions(batch["labels"])
+        logits = forward(batch["attention_mask"].repeat(2, 1), logits_mask.repeat(2, 1),
+                         input_ids=batch["input_ids"].repeat(2, 1),
+                         pixel_values=torch.cat([batch["pixel_values"], noisy]))  # (2N, V)
+        confidence, nll = token_confidence(logits, targets.repeat(2))  # (2N,), (2N,)
+        n = targets.numel()
+        clean = (scatter_rows(confidence[:n], logits_mask), scatter_rows(nll[:n], logits_mask), logits_mask)
+        noisy_ = (scatter_rows(confidence[n:], logits_mask), scatter_rows(nll[n:], logits_mask), logits_mask)
+        return clean, noisy_
+
+
+def released_token_stats(forward, batch, pixel_values):
+    """The released code's per-token statistics: full fp32 logits, softmax, F.cross_entropy."""
+    labels = batch["labels"]
+    everything = torch.ones_like(labels, dtype=torch.bool)
+    logits = forward(batch["attention_mask"], everything, input_ids=batch["input_ids"],
+                     pixel_values=pixel_values).float()  # (B*T, V) fp32, as released
+    logits = logits.view(*labels.shape, -1)[:, :-1]  # (B, T-1, V)
+    next_labels = labels[:, 1:]  # (B, T-1)
+    nll = F.cross_entropy(logits.transpose(1, 2), next_labels, ignore_index=IGNORE_INDEX,
+                          reduction="none")  # (B, T-1)
+    probs = logits.softmax(-1)  # (B, T-1, V): the N x V probabilities our kernel never builds
+    mask = next_labels != IGNORE_INDEX
+    confidence = probs.gather(-1, next_labels.clamp(min=0)[..., None])[..., 0] * mask  # (B, T-1)
+    pad = labels.new_zeros(labels.shape[0], 1, dtype=torch.bool)
+    grid = lambda x: torch.cat([x, x.new_zeros(x.shape[0], 1)], dim=1)  # back to (B, T)
+    return grid(confidence), grid(nll), torch.cat([mask, pad], dim=1)
+
+
+# Registry: name -> "module:Class". Imported lazily so a counterpart's file is only read when used.
+METHODS = {
+    "full": "methods:FullFinetune",
+    "nrca": "methods:NRCA",
+    "l2": "baselines:L2Reg",
+    "grafting": "baselines:Grafting",
+    "random-mask": "baselines:RandomMask",
+    "magnitude-mask": "baselines:MagnitudeMask",
+    "spider": "spider:Spider",
+    "mi-consistency": "modality_interference:ModalityInterferenceConsistency",
+}
+
+
+def get_method(name: str):
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; expected one of {sorted(METHODS)}")
+    module_name, class_name = METHODS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)

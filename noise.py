@@ -1,0 +1,98 @@
+"""Noisy Visual Mixup: the perturbed view of an image that NRCA aligns against (paper Sec. 3.2, Eq. 2).
+
+    mu = f_mu(x),  sigma = f_sigma(x)                          Eq. (2a)
+    x~ = delta * N(mu, sigma^2) + (1 - delta) * x               Eq. (2b)
+
+`x` is the image processor's *normalised* pixel tensor (what the vision tower receives), not raw
+RGB. Two choices for mu and sigma:
+
+- `stats="image"` (default, the paper): "its own feature space" — mean and standard deviation of each
+  image over its (C, H, W) values, so a dark image gets dark noise and a busy image strong noise.
+- `stats="batch"` (the released code): one scalar mean and one scalar std over the whole batch
+  tensor (`images.mean()`, `images.std()`, torch's unbiased std), then `(noise + x) / 2`, which is
+  Eq. (2b) at delta = 0.5. Use it to reproduce the released numbers.
+
+Both use the unbiased standard deviation (torch's default `.std()`); over C*H*W values the difference
+to the population std is negligible. Statistics and the noise are computed in float32 whatever the
+input dtype; the result is cast back to the input's dtype. The noise is drawn with `generator` on the
+input's device, so a seeded generator reproduces the noisy view exactly.
+
+Not done here: the second forward pass and the loss (nrca.py), choosing delta (train.py, `--delta`).
+
+    python -c "import torch, noise; print(noise.noisy_mixup(torch.randn(2, 3, 8, 8)).shape)"
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+STATS = ("image", "batch")
+
+
+def noisy_mixup(
+    pixel_values: torch.Tensor,
+    delta: float = 0.5,
+    stats: str = "image",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Eq. (2a)-(2b): mix each image with Gaussian noise drawn from its own statistics.
+
+    pixel_values: (..., C, H, W) floating tensor, at least one leading batch dim (several images per
+        sample, e.g. (B, N, C, H, W), are fine: with `stats="image"` each (C, H, W) image has its own
+        mu and sigma).
+    delta: noisy ratio in [0, 1]; 0 returns a copy of the input (NRCA reduces to Full FT, Fig. 4),
+        1 returns pure noise.
+    stats: "image" (paper, per image) or "batch" (released code, one scalar pair for the tensor).
+    generator: optional torch.Generator on the input's device for reproducible noise.
+
+    Returns a new tensor with the shape, dtype and device of `pixel_values`.
+    """
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"noise.noisy_mixup: pixel_values must be a torch.Tensor, got {type(pixel_values)}")
+    if not pixel_values.is_floating_point():
+        raise ValueError(f"noise.noisy_mixup: pixel_values must be a floating tensor, got {pixel_values.dtype}")
+    if pixel_values.dim() < 4:
+        raise ValueError(
+            "noise.noisy_mixup: pixel_values must be (..., C, H, W) with a batch dim, "
+            f"got shape {tuple(pixel_values.shape)}"
+        )
+    delta = float(delta)
+    if not 0.0 <= delta <= 1.0:  # also rejects NaN
+        raise ValueError(f"noise.noisy_mixup: delta (noisy ratio, Eq. 2b) must be in [0, 1], got {delta}")
+    if stats not in STATS:
+        raise ValueError(f"noise.noisy_mixup: stats must be one of {STATS}, got {stats!r}")
+    values_per_stat = math.prod(pixel_values.shape[-3:]) if stats == "image" else pixel_values.numel()
+    if values_per_stat < 2:
+        raise ValueError(
+            f"noise.noisy_mixup: stats={stats!r} needs at least 2 values to estimate sigma, "
+            f"got shape {tuple(pixel_values.shape)}"
+        )
+    if generator is not None and generator.device.type != pixel_values.device.type:
+        raise ValueError(
+            f"noise.noisy_mixup: generator is on {generator.device}, pixel_values on {pixel_values.device}; "
+            "the noise must be drawn on the input's device"
+        )
+    # One host sync per call: a NaN/inf pixel would poison mu and sigma of its whole image (or batch).
+    if not bool(torch.isfinite(pixel_values).all()):
+        raise ValueError("noise.noisy_mixup: pixel_values contains NaN or inf")
+
+    if delta == 0.0:
+        return pixel_values.clone()  # exactly the clean view, Full FT (Fig. 4)
+
+    x = pixel_values.float()  # (..., C, H, W) fp32 statistics whatever the input dtype
+    if stats == "image":
+        # Eq. (2a), paper: each image's own statistics over its C, H, W values.
+        mu = x.mean(dim=(-3, -2, -1), keepdim=True)  # (..., 1, 1, 1)
+        sigma = x.std(dim=(-3, -2, -1), keepdim=True)  # (..., 1, 1, 1), unbiased
+    else:
+        # Eq. (2a), released code: one scalar pair over the whole batch tensor.
+        mu = x.mean()  # ()
+        sigma = x.std()  # (), unbiased, as torch's `.std()`
+    standard_normal = torch.randn(
+        x.shape, generator=generator, device=x.device, dtype=torch.float32
+    )  # (..., C, H, W)
+    noise = mu + sigma * standard_normal  # N(mu, sigma^2)
+    noisy = delta * noise + (1.0 - delta) * x  # Eq. (2b): noisy part + normal part
+    return noisy.to(pixel_values.dtype)

@@ -1,0 +1,186 @@
+"""Token Confidence Alignment: the NRCA objective (paper Sec. 3.2, Eq. 4-6; Appendix C, Eq. 8-10).
+
+For every sample of the batch, over its answer tokens t = 1..T (labels != ignore_index after the
+one-token shift), with p_t the clean and p~_t the noisy confidence of the ground-truth token:
+
+    I  = 1/T sum_t p_t,      I~ = 1/T sum_t p~_t                      Eq. (4)
+    CE = 1/T sum_t -log p_t                                            Eq. (5a)
+    L_NRCA = |1 - I~ / sg(I)| * sg(CE)                                 Eq. (5b)
+    L = mean_samples CE + lam * sum_open L_NRCA / n_open                Eq. (6), released reduction
+
+`sg` is stop-gradient: the clean branch is detached inside Eq. (5b) (paper: "we detach the normal
+branch signals"; Appendix C, Eq. 8-9 need I detached; the released code detaches the CE factor too),
+so the clean logits get exactly the CE gradient and the noisy logits only the gradient through I~.
+The alignment applies to open-response samples only: at least `min_open_tokens` = 3 answer tokens
+(a fixed-choice answer is a letter + EOS = 2 tokens). The noisy branch's own CE is not used.
+
+Reduction (released code, NOTES.md): per-sample token mean, then the mean over samples — not the
+global token mean of HF. Every method uses `answer_mean` for its CE so that lam = 0 is Full FT.
+Samples without any answer token (e.g. truncated away) are left out of every mean and counted in
+`n_empty`; they never produce NaN.
+
+Guard for I = 0. Eq. (5b) divides by the clean confidence I. If all clean confidences of an open sample
+underflow (float32: every p_t below ~1e-38, i.e. nll > ~87 per token), I is 0 or subnormal and the ratio
+is inf/NaN (the released code would produce NaN). Such samples (I below the smallest normal number of
+its dtype) are left out of the alignment term: they add nothing to its sum, get no gradient from it
+and are not counted in `n_open`; their CE still counts. For every normal I the term is Eq. (5b)
+unchanged (it is large when I is tiny, as the formula is). The division uses 1 in place of I wherever
+the term is unused, so no inf/NaN appears even in the masked-out branch of the backward pass.
+
+Two entry points:
+- `nrca_objective(nll, confidence, noisy_confidence, label_mask)`: per-token (B, T) values, used by
+  methods.py, which gets them from the fused kernel on the answer rows only;
+- `nrca_loss(clean_logits, noisy_logits, labels)`: the end-to-end form for readers (shift, gather the
+  answer rows, `confidence_kernel.token_confidence` on both branches, `nrca_objective`).
+
+Not done here: building the noisy view (noise.py, Eq. 2) and running the model (methods.py).
+
+    TRITON_INTERPRET=1 python -m pytest -q tests/test_nrca.py
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from confidence_kernel import token_confidence
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class NRCAOutput:
+    """What one NRCA step computes; every field is a tensor (no host sync)."""
+
+    total: torch.Tensor  # () Eq. (6): ce + lam * alignment, the loss to backpropagate
+    ce: torch.Tensor  # () Eq. (5a) per sample, mean over samples with an answer token
+    alignment: torch.Tensor  # () Eq. (5b) summed over open samples / n_open (0 when none)
+    n_open: torch.Tensor  # () int64: open-response samples that received the alignment term
+    n_empty: torch.Tensor  # () int64: samples with no answer token, left out of every mean
+
+
+def answer_mean(values: torch.Tensor, label_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample mean of `values` (B, T) over its answer tokens `label_mask` (B, T) bool.
+
+    Returns `(mean (B,), has_answer (B,) bool)`; the mean is 0 for a sample without answer tokens.
+    Values outside the mask are never read (even NaN/inf there neither leak into the result nor into
+    the gradient).
+    """
+    _check_grid("values", values, label_mask)
+    count = label_mask.sum(dim=1)  # (B,) answer tokens per sample
+    masked = torch.where(label_mask, values, torch.zeros_like(values))  # (B, T)
+    mean = masked.sum(dim=1) / count.clamp(min=1).to(values.dtype)  # (B,)
+    return mean, count > 0
+
+
+def nrca_objective(
+    nll: torch.Tensor,
+    confidence: torch.Tensor,
+    noisy_confidence: torch.Tensor,
+    label_mask: torch.Tensor,
+    lam: float = 2.0,
+    min_open_tokens: int = 3,
+) -> NRCAOutput:
+    """Eq. (4)-(6) from per-token values on the (B, T) answer grid.
+
+    nll, confidence: (B, T) float, clean branch -log p_t and p_t (only answer positions are read).
+    noisy_confidence: (B, T) float, noisy branch p~_t.
+    label_mask: (B, T) bool, True at answer tokens (after the one-token shift).
+    lam: weight of the alignment term (Eq. 6, paper default 2); lam = 0 is Full FT.
+    min_open_tokens: a sample is open-response when it has at least this many answer tokens. The
+        released code counts label tokens != -100 in the *unshifted* labels and tests `> 2`; after the
+        one-token shift the count is the same unless the first label position is itself an answer
+        token, which never happens (position 0 is BOS / the system prompt). So 3 here == `> 2` there.
+    """
+    _check_grid("nll", nll, label_mask)
+    _check_grid("confidence", confidence, label_mask)
+    _check_grid("noisy_confidence", noisy_confidence, label_mask)
+    lam = float(lam)
+    if not lam >= 0.0 or lam == float("inf"):
+        raise ValueError(f"nrca.nrca_objective: lam must be a finite number >= 0, got {lam}")
+    if int(min_open_tokens) != min_open_tokens or min_open_tokens < 1:
+        raise ValueError(f"nrca.nrca_objective: min_open_tokens must be an integer >= 1, got {min_open_tokens}")
+
+    ce_per_sample, has_answer = answer_mean(nll, label_mask)  # (B,), (B,) Eq. (5a)
+    clean_confidence, _ = answer_mean(confidence, label_mask)  # (B,) Eq. (4): I
+    noisy_mean_confidence, _ = answer_mean(noisy_confidence, label_mask)  # (B,) Eq. (4): I~
+    clean_confidence = clean_confidence.detach()  # sg(I): Eq. (5b), Appendix C Eq. (8)-(9)
+
+    # Eq. (6), first term: mean over the samples that have an answer token.
+    n_answered = has_answer.sum()  # ()
+    ce = torch.where(has_answer, ce_per_sample, 0.0).sum() / n_answered.clamp(min=1)  # ()
+
+    # Open-response samples (the released code's `> 2` label tokens), with a defined ratio I~ / I:
+    # I below the smallest normal float32 (0 after underflow, or subnormal) is left out, see docstring.
+    n_tokens = label_mask.sum(dim=1)  # (B,)
+    defined = clean_confidence >= torch.finfo(clean_confidence.dtype).tiny  # (B,)
+    is_open = (n_tokens >= min_open_tokens) & defined  # (B,)
+    # Division by 1 where the term is not used, so no inf/NaN is created even in the unused branch
+    # (a NaN there would still reach the gradient through torch.where's backward).
+    safe_clean = torch.where(is_open, clean_confidence, 1.0)  # (B,)
+    ratio = noisy_mean_confidence / safe_clean  # (B,) I~ / sg(I)
+    alignment_per_sample = (1.0 - ratio).abs() * ce_per_sample.detach()  # (B,) Eq. (5b), sg(CE)
+    n_open = is_open.sum()  # ()
+    alignment = torch.where(is_open, alignment_per_sample, 0.0).sum() / n_open.clamp(min=1)  # ()
+
+    total = ce + lam * alignment  # Eq. (6)
+    return NRCAOutput(total=total, ce=ce, alignment=alignment, n_open=n_open, n_empty=(~has_answer).sum())
+
+
+def nrca_loss(
+    clean_logits: torch.Tensor,
+    noisy_logits: torch.Tensor,
+    labels: torch.Tensor,
+    lam: float = 2.0,
+    ignore_index: int = IGNORE_INDEX,
+    min_open_tokens: int = 3,
+) -> NRCAOutput:
+    """End-to-end NRCA loss from the two branches' logits (Eq. 3-6).
+
+    clean_logits, noisy_logits: (B, T, V) from the clean and the noisy image with the same text.
+    labels: (B, T) HF-style, unshifted: logits[:, t] predicts labels[:, t + 1]; ignore_index elsewhere.
+    Only the answer rows are gathered before the confidence kernel: the (B, T, V) probabilities are
+    never built.
+    """
+    if clean_logits.dim() != 3 or clean_logits.shape != noisy_logits.shape:
+        raise ValueError(
+            "nrca.nrca_loss: clean_logits and noisy_logits must both be (B, T, V), got "
+            f"{tuple(clean_logits.shape)} and {tuple(noisy_logits.shape)}"
+        )
+    if labels.shape != clean_logits.shape[:2]:
+        raise ValueError(
+            f"nrca.nrca_loss: labels must be (B, T) = {tuple(clean_logits.shape[:2])}, got {tuple(labels.shape)}"
+        )
+    next_labels = labels[:, 1:]  # (B, T-1): the token each logits row predicts
+    label_mask = next_labels != ignore_index  # (B, T-1) answer positions
+    targets = next_labels[label_mask]  # (N,)
+    clean_rows = clean_logits[:, :-1][label_mask]  # (N, V)
+    noisy_rows = noisy_logits[:, :-1][label_mask]  # (N, V)
+    confidence, nll = token_confidence(clean_rows, targets, ignore_index=ignore_index)  # (N,), (N,)
+    noisy_confidence, _ = token_confidence(noisy_rows, targets, ignore_index=ignore_index)  # (N,)
+    return nrca_objective(
+        _to_grid(nll, label_mask),
+        _to_grid(confidence, label_mask),
+        _to_grid(noisy_confidence, label_mask),
+        label_mask,
+        lam=lam,
+        min_open_tokens=min_open_tokens,
+    )
+
+
+def _to_grid(values: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
+    """Per-answer-row values (N,) back onto the (B, T) grid, zeros elsewhere, keeping the graph."""
+    return values.new_zeros(label_mask.shape).masked_scatter(label_mask, values)  # (B, T)
+
+
+def _check_grid(name: str, values: torch.Tensor, label_mask: torch.Tensor) -> None:
+    if label_mask.dtype != torch.bool or label_mask.dim() != 2:
+        raise ValueError(
+            f"nrca: label_mask must be a (B, T) bool tensor, got {label_mask.dtype} {tuple(label_mask.shape)}"
+        )
+    if values.shape != label_mask.shape or not values.is_floating_point():
+        raise ValueError(
+            f"nrca: {name} must be a floating (B, T) tensor shaped like label_mask {tuple(label_mask.shape)}, "
+            f"got {values.dtype} {tuple(values.shape)}"
+        )

@@ -1,0 +1,515 @@
+"""Fine-tune LLaVA-1.5 / VILA1.5 on a caption + multiple-choice mix with NRCA or a counterpart.
+
+Implements the training procedure of paper Sec. 4.1 and Algorithm 1: connector + last N decoder layers
+trainable, AdamW with per-module learning rates, cosine schedule with warm-up, batch 16, E epochs.
+The loss of one step comes from methods.py (Full FT, NRCA) or a counterpart file; everything else
+(data sharding, distribution, checkpoints, logging, evaluation) is here.
+
+Run:
+    python train.py                                   # embedded default: synthetic data, tiny-llava,
+                                                      # NRCA, a few minutes on a laptop CPU
+    python train.py --preset llava --model /ckpt/llava-1.5-7b-hf \\
+        --train caption:flickr30k=/data/flickr30k.json --train choice:scienceqa=/data/sqa.json \\
+        --image-folder /data/images --out-dir runs/llava_nrca
+    torchrun --nproc_per_node=8 train.py --preset vila --model /ckpt/VILA1.5-3b ... [--fsdp]
+    python train.py --resume --out-dir runs/llava_nrca   # continue from the latest checkpoint
+
+Not here: LoRA, multi-image samples, sequence packing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import data
+import models
+from methods import METHODS, get_method, model_forward
+
+
+def _f(default, help):  # a dataclass field with its comment, which argparse shows as --help
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    preset: str = _f("embedded", "embedded | llava | vila: defaults of the paper's settings (Sec. 4.1)")
+    # model and data
+    model: str = _f("tiny-llava", "tiny-llava | tiny-vila | a LLaVA (transformers) or VILA1.5 checkpoint folder")
+    train: list = _f(None, "TASK:NAME=PATH of a LLaVA/DataOptim JSON(L) file, repeatable; TASK is "
+                           "caption or choice. Empty: the synthetic set in --data-dir")
+    image_folder: str = _f("", "folder the records' image paths are relative to (default: the JSON's folder)")
+    data_dir: str = _f("data/synthetic", "synthetic data set, generated here when absent")
+    samples_per_dataset: int = _f(10_000, "k random records per dataset (paper: 10k)")
+    max_length: int = _f(2048, "max tokens per sample; image tokens are never cut")
+    skip_bad_records: bool = _f(False, "count and log bad records instead of stopping")
+    out_dir: str = _f("runs/default", "run folder: checkpoints, metrics.jsonl, final model, eval")
+    # method
+    method: str = _f("nrca", "one of: " + ", ".join(METHODS))
+    lam: float = _f(2.0, "NRCA lambda, Eq. (6)")
+    delta: float = _f(0.5, "Noisy Visual Mixup ratio, Eq. (2b)")
+    noise_stats: str = _f("image", "image (paper: each image's own mu, sigma) | batch (released code)")
+    min_open_tokens: int = _f(3, "open-response sample = at least this many answer tokens (released: > 2)")
+    nrca_impl: str = _f("fused", "fused (one 2B forward, fused kernel) | released (two forwards, fp32 logits)")
+    reg_lam: float = _f(None, "L2-Reg / Grafting strength (default 1e-3 / 1e-6)")
+    mask_ratio: float = _f(0.5, "Random / Magnitude Mask: share of elements kept at pre-trained values")
+    mask_redraw: str = _f("once", "Random Mask: once (released code) | every-step (paper text)")
+    mi_lam: float = _f(0.01, "modality-interference consistency weight")
+    mi_divergence: str = _f("kl", "modality-interference consistency: kl | js")
+    mi_eps: float = _f(1e-3, "PGD epsilon on input embeddings")
+    mi_alpha: float = _f(0.1, "PGD step size")
+    mi_pgd_steps: int = _f(2, "PGD steps")
+    # optimisation
+    epochs: int = _f(3, "training epochs E (paper: 3 or 5)")
+    batch_size: int = _f(16, "global batch size B (paper: 16) = micro batch x accumulation x ranks")
+    micro_batch_size: int = _f(16, "samples per forward on one rank")
+    lr_llm: float = _f(2e-4, "learning rate of the LLM decoder layers")
+    lr_connector: float = _f(2e-5, "learning rate of the connector")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_ratio: float = _f(0.03, "linear warm-up share of all steps, then cosine decay")
+    max_grad_norm: float = _f(1.0, "gradient clipping (0: off)")
+    tune_last_layers: int = _f(2, "trainable decoder layers, counted from the top (-1: all)")
+    seed: int = _f(0, "seed of data order, noise and masks")
+    # hardware
+    precision: str = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32")
+    fsdp: bool = _f(False, "shard trainable layers and optimizer state with FSDP2 instead of DDP")
+    compile: bool = _f(False, "torch.compile each decoder block")
+    # checkpoints, evaluation
+    save_every: int = _f(0, "checkpoint every N optimizer steps (0: only at epoch ends)")
+    resume: bool = _f(False, "continue from the latest checkpoint in --out-dir")
+    stop_at_step: int = _f(0, "stop (with a checkpoint) after this step; the schedule still spans all epochs")
+    eval_every_epoch: bool = _f(True, "evaluate on the test split after every epoch (Fig. 1 curves)")
+    eval_max_new_tokens: int = _f(24, "generation length for evaluation")
+    eval_limit: int = _f(0, "evaluate on the first N test records per task (0: all)")
+
+
+PRESETS = {
+    # A tiny random-weight model learns the synthetic set from scratch: all layers, larger lr.
+    "embedded": dict(model="tiny-llava", epochs=4, batch_size=16, micro_batch_size=16, lr_llm=2e-3,
+                     lr_connector=2e-3, tune_last_layers=-1, max_length=256, warmup_ratio=0.05,
+                     out_dir="runs/embedded", eval_max_new_tokens=16),
+    "llava": dict(lr_llm=2e-4, lr_connector=2e-5, batch_size=16, epochs=3, tune_last_layers=2),
+    "vila": dict(lr_llm=1e-4, lr_connector=1e-4, batch_size=16, epochs=3, tune_last_layers=2),
+}
+
+
+def parse_config(argv=None) -> TrainConfig:
+    """argparse built from TrainConfig; precedence: field defaults < --preset < explicit flags."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f.metadata["help"])
+        elif f.name == "train":
+            parser.add_argument(flag, action="append", default=None, help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}[str(f.type)]
+            parser.add_argument(flag, type=kind, default=None, help=f.metadata["help"])
+    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    return make_config(**args)
+
+
+def make_config(**overrides) -> TrainConfig:
+    preset = overrides.get("preset", TrainConfig.preset)
+    if preset not in PRESETS:
+        raise ValueError(f"--preset {preset!r}: expected one of {sorted(PRESETS)}")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise ValueError(f"unknown config fields {sorted(unknown)}")
+    cfg = TrainConfig(**{**PRESETS[preset], **overrides})
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Every bad value is reported before any model loads."""
+    checks = [
+        (cfg.method in METHODS, f"--method {cfg.method!r}: expected one of {sorted(METHODS)}"),
+        (cfg.lam >= 0, f"--lam {cfg.lam}: expected >= 0"),
+        (0 <= cfg.delta <= 1, f"--delta {cfg.delta}: expected in [0, 1] (Eq. 2b)"),
+        (cfg.noise_stats in ("image", "batch"), f"--noise-stats {cfg.noise_stats!r}: expected image or batch"),
+        (cfg.nrca_impl in ("fused", "released"), f"--nrca-impl {cfg.nrca_impl!r}: expected fused or released"),
+        (cfg.mask_redraw in ("once", "every-step"), f"--mask-redraw {cfg.mask_redraw!r}: once or every-step"),
+        (0 < cfg.mask_ratio < 1, f"--mask-ratio {cfg.mask_ratio}: expected in (0, 1)"),
+        (cfg.mi_divergence in ("kl", "js"), f"--mi-divergence {cfg.mi_divergence!r}: expected kl or js"),
+        (cfg.epochs >= 1, f"--epochs {cfg.epochs}: expected >= 1"),
+        (cfg.micro_batch_size >= 1, f"--micro-batch-size {cfg.micro_batch_size}: expected >= 1"),
+        (cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: expected >= 1"),
+        (cfg.lr_llm > 0 and cfg.lr_connector > 0, "--lr-llm and --lr-connector must be > 0"),
+        (0 <= cfg.warmup_ratio < 1, f"--warmup-ratio {cfg.warmup_ratio}: expected in [0, 1)"),
+        (cfg.max_grad_norm >= 0, f"--max-grad-norm {cfg.max_grad_norm}: expected >= 0"),
+        (cfg.precision in ("auto", "bf16", "fp32"), f"--precision {cfg.precision!r}: auto, bf16 or fp32"),
+        (cfg.max_length >= 8, f"--max-length {cfg.max_length}: too small"),
+        (cfg.save_every >= 0 and cfg.stop_at_step >= 0, "--save-every / --stop-at-step must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    for spec in cfg.train or []:
+        parse_train_spec(spec)
+
+
+def parse_train_spec(spec: str):
+    """'caption:flickr30k=/data/f30k.json' -> ('caption', 'flickr30k', '/data/f30k.json')."""
+    head, sep, path = spec.partition("=")
+    task, sep2, name = head.partition(":")
+    if not (sep and sep2 and task in ("caption", "choice") and name and path):
+        raise ValueError(f"--train {spec!r}: expected TASK:NAME=PATH with TASK caption or choice")
+    if not Path(path).is_file():
+        raise ValueError(f"--train {spec!r}: file {path} does not exist")
+    return task, name, path
+
+
+# ---------------------------------------------------------------------------------------------
+# Distribution: torchrun's environment, one small function that wraps the model.
+# ---------------------------------------------------------------------------------------------
+def init_distributed():
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def parallelize(mllm, cfg: TrainConfig, world: int):
+    """DDP over the whole model (frozen parts need no sync) or FSDP2 over the trainable units."""
+    if cfg.compile:
+        for layer in mllm.decoder_layers:
+            layer.compile()
+    if world == 1:
+        return mllm.model, []
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        units = [mllm.connector] + [layer for layer in mllm.decoder_layers
+                                    if any(p.requires_grad for p in layer.parameters())]
+        for unit in units:
+            fully_shard(unit)
+        return mllm.model, units
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [mllm.model.device.index] if next(mllm.model.parameters()).is_cuda else None
+    return DistributedDataParallel(mllm.model, device_ids=ids), []
+
+
+def full_tensor(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: the multi-task mix, sharded over ranks so each record is trained on once per epoch.
+# ---------------------------------------------------------------------------------------------
+def build_dataset(cfg: TrainConfig, mllm, rank: int, world: int):
+    if cfg.train:
+        sources = [parse_train_spec(s) for s in cfg.train]
+        image_folder = cfg.image_folder or str(Path(sources[0][2]).parent)
+    else:
+        root = Path(cfg.data_dir)
+        if not (root / "train_caption.json").exists():
+            if rank == 0:
+                print(f"generating the synthetic data set in {root}")
+                data.make_synthetic(root)
+            if world > 1:
+                dist.barrier()
+        sources = [("caption", "synthetic-caption", str(root / "train_caption.json")),
+                   ("choice", "synthetic-choice", str(root / "train_choice.json"))]
+        image_folder = cfg.image_folder or str(root)
+    records = data.mix_datasets([data.Source(name=n, path=p, task=t) for t, n, p in sources],
+                                samples_per_dataset=cfg.samples_per_dataset, seed=cfg.seed)
+    return data.MultiTaskDataset(records, image_folder, mllm.tokenizer, mllm.preprocess,
+                                 mllm.num_image_tokens, mllm.image_token_id, cfg.max_length,
+                                 skip_bad_records=cfg.skip_bad_records)
+
+
+def epoch_batches(n_items: int, epoch: int, cfg: TrainConfig, rank: int, world: int):
+    """This rank's micro-batches of one epoch: a seeded permutation, rank r takes every world-th item.
+
+    The list is padded to a whole number of steps for every rank; padding items are marked (index
+    given as -1 - i) and contribute no answer token, so each record is trained on exactly once.
+    """
+    order = torch.randperm(n_items, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+    per_step = cfg.micro_batch_size * world
+    padded = math.ceil(n_items / per_step) * per_step
+    order = order.tolist() + [-1 - order[i % n_items].item() for i in range(padded - n_items)]
+    mine = order[rank::world]
+    return [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
+
+
+def load_batch(dataset, indices, pad_token_id, device):
+    items = []
+    for index in indices:
+        item = dataset[index if index >= 0 else -1 - index]
+        if index < 0:  # padding: same shapes, no answer token
+            item = {**item, "labels": torch.full_like(item["labels"], -100)}
+        items.append(item)
+    batch = data.collate(items, pad_token_id)
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: trainable weights (safetensors) + optimizer, scheduler, RNG, data position.
+# ---------------------------------------------------------------------------------------------
+def save_checkpoint(out_dir: Path, step: int, named_params, optimizer, scheduler, method, position, rank):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    optim_state = (optimizer.state_dict() if not dist.is_initialized() else
+                   get_optimizer_state_dict(_OwnerModel.of(named_params), optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
+    weights = {name: full_tensor(p.detach()).cpu().contiguous() for name, p in named_params}
+    method_state = method.state_dict()
+    if rank != 0:
+        return None
+    final = out_dir / f"checkpoint-{step}"
+    tmp = out_dir / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "method": method_state,
+                "position": position, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}},
+               tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)  # the checkpoint appears whole or not at all
+    pointer = out_dir / ".latest.tmp"
+    pointer.write_text(final.name)
+    os.replace(pointer, out_dir / "latest")
+    for old in out_dir.glob("checkpoint-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+class _OwnerModel(torch.nn.Module):
+    """A module that owns exactly the trainable parameters, for the distributed state-dict helpers."""
+
+    @staticmethod
+    def of(named_params):
+        owner = _OwnerModel()
+        for name, p in named_params:
+            owner.register_parameter(name.replace(".", "__"), p)
+        return owner
+
+
+def load_checkpoint(out_dir: Path, named_params, optimizer, scheduler, method):
+    pointer = out_dir / "latest"
+    if not pointer.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint in {out_dir} (missing {pointer})")
+    folder = out_dir / pointer.read_text().strip()
+    weights = load_file(str(folder / "trainable.safetensors"))
+    missing = [name for name, _ in named_params if name not in weights]
+    if missing:
+        raise ValueError(f"{folder}/trainable.safetensors lacks trainable tensors {missing[:5]}")
+    with torch.no_grad():
+        for name, p in named_params:
+            value = weights[name].to(p.device, p.dtype)
+            if hasattr(p, "full_tensor"):  # FSDP2: keep this rank's shard
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value, p.device_mesh, p.placements)
+            p.copy_(value)
+    state = torch.load(folder / "state.pt", weights_only=False)
+    if dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(_OwnerModel.of(named_params), optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    method.load_state_dict(state["method"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    return state["position"], folder
+
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+# ---------------------------------------------------------------------------------------------
+def cosine_with_warmup(total_steps: int, warmup_ratio: float):
+    warmup = int(total_steps * warmup_ratio)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def main(cfg: TrainConfig) -> dict:
+    rank, world, device = init_distributed()
+    try:
+        return _train(cfg, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
+    out_dir = Path(cfg.out_dir)
+    accumulation, remainder = divmod(cfg.batch_size, cfg.micro_batch_size * world)
+    if remainder or accumulation == 0:
+        raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size "
+                         f"{cfg.micro_batch_size} x {world} ranks")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+    mllm = models.load_model(cfg.model, dtype=torch.bfloat16 if use_bf16 else torch.float32, device=device)
+    layers = cfg.tune_last_layers if cfg.tune_last_layers >= 0 else len(mllm.decoder_layers)
+    groups = models.freeze_for_finetuning(mllm, tune_last_layers=layers, tune_connector=True)
+    for group in groups:  # fp32 master weights for what trains; frozen weights stay in bf16 on GPU
+        for p in group["params"]:
+            p.data = p.data.float()
+    dataset = build_dataset(cfg, mllm, rank, world)
+    wrapped, fsdp_units = parallelize(mllm, cfg, world)
+    named_params = [(n, p) for n, p in mllm.model.named_parameters() if p.requires_grad]
+    method = get_method(cfg.method)(cfg, mllm, named_params)
+    forward = model_forward(wrapped)
+
+    lrs = {"connector": cfg.lr_connector, "llm": cfg.lr_llm}
+    optimizer = torch.optim.AdamW([{"params": g["params"], "lr": lrs[g["name"]]} for g in groups if g["params"]],
+                                  weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(epoch_batches(len(dataset), 0, cfg, rank, world)) // accumulation
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, cfg.warmup_ratio))
+
+    position, last_checkpoint = {"epoch": 0, "step_in_epoch": 0, "step": 0}, None
+    if cfg.resume:
+        position, last_checkpoint = load_checkpoint(out_dir, named_params, optimizer, scheduler, method)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        n_trainable = sum(full_tensor(p).numel() for _, p in named_params)
+        print(f"{cfg.method} on {cfg.model}: {len(dataset)} records, {n_trainable / 1e6:.2f}M trainable "
+              f"parameters, {world} rank(s), {total_steps} steps; extra memory of the method: "
+              f"{method.extra_memory_bytes() / 2**20:.2f} MiB")
+    metrics_file = out_dir / "metrics.jsonl"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    step = position["step"]
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=cfg.method, dynamic_ncols=True)
+    summary = {}
+    for epoch in range(position["epoch"], cfg.epochs):
+        batches = epoch_batches(len(dataset), epoch, cfg, rank, world)
+        first = position["step_in_epoch"] if epoch == position["epoch"] else 0
+        for step_in_epoch in range(first, steps_per_epoch):
+            started = time.perf_counter()
+            totals, n_tokens, ids = {}, 0, []
+            for micro in range(accumulation):
+                batch = load_batch(dataset, batches[step_in_epoch * accumulation + micro],
+                                   mllm.pad_token_id, device)
+                # Noise seed from (seed, step, micro, rank): reproducible across resume, distinct per rank.
+                batch["noise_seed"] = ((cfg.seed * 1_000_003 + step) * 64 + micro) * 1024 + rank
+                ids += batch["ids"]
+                with autocast:
+                    loss, metrics = method.loss(forward, batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"non-finite loss ({loss.item()}) at step {step + 1} (epoch {epoch}, rank {rank}) on "
+                        f"batch ids {batch['ids']}; last good checkpoint: {last_checkpoint or 'none yet'}")
+                (loss / accumulation).backward()
+                n_tokens += int(batch["attention_mask"].sum())
+                for key, value in {"loss": loss.detach(), **metrics}.items():
+                    totals[key] = totals.get(key, 0.0) + float(value) / accumulation
+            if hasattr(method, "before_optimizer_step"):
+                method.before_optimizer_step()
+            grad_norm = (torch.nn.utils.clip_grad_norm_([p for _, p in named_params], cfg.max_grad_norm)
+                         if cfg.max_grad_norm > 0 else None)
+            optimizer.step()
+            method.after_optimizer_step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            elapsed = time.perf_counter() - started
+            record = {"step": step, "epoch": epoch + (step_in_epoch + 1) / steps_per_epoch, **totals,
+                      "lr": scheduler.get_last_lr()[-1], "tokens_per_s": n_tokens * world / elapsed,
+                      "peak_memory_mb": peak_memory_mb(device)}
+            if grad_norm is not None:
+                record["grad_norm"] = float(full_tensor(grad_norm))
+            if rank == 0:
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{totals['loss']:.4f}")
+                bar.update()
+            position = {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "step": step}
+            if step_in_epoch + 1 == steps_per_epoch:
+                position = {"epoch": epoch + 1, "step_in_epoch": 0, "step": step}
+            stop = cfg.stop_at_step and step >= cfg.stop_at_step
+            if stop or (cfg.save_every and step % cfg.save_every == 0) or position["step_in_epoch"] == 0:
+                last_checkpoint = save_checkpoint(out_dir, step, named_params, optimizer, scheduler, method,
+                                                  position, rank) or last_checkpoint
+            if stop:
+                bar.close()
+                return {"stopped_at_step": step}
+        if cfg.eval_every_epoch:
+            summary = evaluate_epoch(cfg, mllm, epoch + 1, rank, world, out_dir)
+    bar.close()
+    save_final_model(mllm, fsdp_units, out_dir / "final", rank)
+    if rank == 0 and summary:
+        print_results(cfg, summary)
+    return summary
+
+
+def save_final_model(mllm, fsdp_units, folder: Path, rank: int):
+    """The whole model in the input's format (a LLaVA folder or VILA's three folders)."""
+    for unit in fsdp_units:
+        unit.unshard()
+    if rank == 0:
+        mllm.save(folder)
+    for unit in fsdp_units:
+        unit.reshard()
+
+
+def evaluate_epoch(cfg: TrainConfig, mllm, epoch: int, rank: int, world: int, out_dir: Path) -> dict:
+    """Per-epoch evaluation on the test split (paper Fig. 1), appended to metrics.jsonl."""
+    import evaluate
+
+    mllm.model.eval()
+    try:
+        result = evaluate.evaluate_model(mllm, cfg.data_dir, out_dir=out_dir / f"eval_epoch{epoch}",
+                                         max_new_tokens=cfg.eval_max_new_tokens, limit=cfg.eval_limit,
+                                         rank=rank, world_size=world)
+    finally:
+        mllm.model.train()
+    if rank == 0:
+        with (out_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"epoch": epoch, "eval": result}) + "\n")
+    return result
+
+
+def print_results(cfg: TrainConfig, summary: dict):
+    print(f"\nresults after {cfg.epochs} epochs ({cfg.method}, {cfg.model}):")
+    print("| metric | value |\n|---|---|")
+    for key, value in summary.items():
+        if isinstance(value, (int, float)):
+            print(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main(parse_config()) is not None else 1)
