@@ -73,7 +73,9 @@ class TrainConfig:
     mi_divergence: str = _f("kl", "modality-interference consistency: kl | js")
     mi_eps: float = _f(1e-3, "PGD epsilon on input embeddings")
     mi_alpha: float = _f(0.1, "PGD step size")
-    mi_pgd_steps: int = _f(2, "PGD steps")
+    mi_pgd_steps: int = _f(None, "PGD steps (default: 2 with kl, 1 with js, as the paper)")
+    mi_heuristic: bool = _f(True, "modality interference: heuristic (misleading text / blank image) copies")
+    mi_pgd: bool = _f(True, "modality interference: PGD copies on the input embeddings")
     # optimisation
     epochs: int = _f(3, "training epochs E (paper: 3 or 5)")
     batch_size: int = _f(16, "global batch size B (paper: 16) = micro batch x accumulation x ranks")
@@ -149,6 +151,8 @@ def validate_config(cfg: TrainConfig) -> None:
         (cfg.mask_redraw in ("once", "every-step"), f"--mask-redraw {cfg.mask_redraw!r}: once or every-step"),
         (0 < cfg.mask_ratio < 1, f"--mask-ratio {cfg.mask_ratio}: expected in (0, 1)"),
         (cfg.mi_divergence in ("kl", "js"), f"--mi-divergence {cfg.mi_divergence!r}: expected kl or js"),
+        (cfg.mi_eps >= 0 and cfg.mi_alpha >= 0, "--mi-eps and --mi-alpha must be >= 0"),
+        (cfg.mi_heuristic or cfg.mi_pgd, "--no-mi-heuristic and --no-mi-pgd together leave no perturbed view"),
         (cfg.epochs >= 1, f"--epochs {cfg.epochs}: expected >= 1"),
         (cfg.micro_batch_size >= 1, f"--micro-batch-size {cfg.micro_batch_size}: expected >= 1"),
         (cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: expected >= 1"),
