@@ -1,12 +1,45 @@
 """Data for multi-task MLLM fine-tuning (paper Sec. 4.1): the vicuna_v1 template, LLaVA/DataOptim
 records, multi-task mixing, image loading, collation, and the synthetic embedded-default data set.
 
-(Work in progress: the template constants below are the contract models.py builds on.)
+- Template (vicuna_v1, both LLaVA-1.5 and VILA1.5):
+  "{SYSTEM_PROMPT} USER: <image>\\n{question} ASSISTANT: {answer}</s>"; labels keep only the answer
+  tokens and </s>, everything else is -100. The image placeholder becomes `num_image_tokens` copies of
+  the model's image token id. Tokenisation is done piece by piece (see `encode_conversation`) so the
+  label mask is exact by construction.
+- Records: BAAI DataOptim / LLaVA JSON (a list) or JSONL, `{"id", "image", "conversations": [{"from":
+  "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}]}`, single turn.
+- Multi-task mix (Sec. 4.1): k random records per dataset (paper: 10,000) with a seed; caption records
+  get one of the paper's five caption instructions sampled per record; multiple-choice questions end
+  with "Answer with the option's letter from the given choices directly."; each record keeps its task
+  ("caption" / "choice") and source (dataset name).
+- Images: opened with PIL as RGB; the model's `preprocess` does LLaVA's pad-to-square (mean colour,
+  `pad_to_square` below) or VILA's straight resize.
+- Bad input (missing/unreadable image, malformed JSON, no answer turn, prompt longer than max_length)
+  raises `DataError` / `FileNotFoundError` naming the file, the record id and the problem;
+  `skip_bad_records=True` turns record-level errors into skips that are logged one by one and kept in
+  a `skipped` list. A malformed JSON file always raises (no record of it can be trusted).
+
+Not here: the model's image processors (models.py), evaluation splits' scoring (evaluate.py),
+multi-turn conversations and records with several images (rejected with a clear error).
+
+Run:
+    python data.py synthetic data/synthetic            # the embedded default's data (~1 s)
+    python data.py convert-iconqa /data/iconqa_data iconqa_train.json --split train
 """
 
 from __future__ import annotations
 
-from PIL import Image
+import argparse
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+log = logging.getLogger("nrca.data")
 
 IMAGE_PLACEHOLDER = "<image>"
 SYSTEM_PROMPT = (
@@ -23,6 +56,12 @@ CAPTION_PROMPTS = (
 )
 # Paper Sec. 4.1: suffix of every multiple-choice question.
 CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
+TASKS = ("caption", "choice")
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """A bad file or record; the message names the file, the record (id and index) and the problem."""
 
 
 def pad_to_square(image: Image.Image, background_rgb: tuple[int, int, int]) -> Image.Image:
@@ -34,3 +73,600 @@ def pad_to_square(image: Image.Image, background_rgb: tuple[int, int, int]) -> I
     canvas = Image.new(image.mode, (side, side), background_rgb)
     canvas.paste(image, ((side - width) // 2, (side - height) // 2))
     return canvas
+
+
+# ---------------------------------------------------------------------------------------------
+# vicuna_v1 template and tokenisation
+# ---------------------------------------------------------------------------------------------
+def build_prompt(question: str) -> str:
+    """vicuna_v1 prompt up to the answer: "{SYSTEM} USER: <image>\\n{question} ASSISTANT:"."""
+    return f"{SYSTEM_PROMPT} USER: {IMAGE_PLACEHOLDER}\n{question} ASSISTANT:"
+
+
+def _adds_prefix_space(tokenizer) -> bool:
+    """True for SentencePiece-style tokenizers (Llama/Vicuna, "▁" metaspace) that put a space in front
+    of every separately tokenised piece themselves; byte-level BPE (the tiny models) does not."""
+    ids = tokenizer("a", add_special_tokens=False).input_ids
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    return bool(tokens) and str(tokens[0]).startswith("\u2581")
+
+
+def encode_conversation(question: str, answer: str, tokenizer, where: str = "conversation"):
+    """Text token ids of one turn as three pieces: (prefix, suffix, answer).
+
+    prefix = <s> + "{SYSTEM} USER: " (bos prepended here, not by the tokenizer's post-processor),
+    suffix = "\\n{question} ASSISTANT:", answer = " {answer}" (the space LLaVA's joint tokenisation puts
+    before the answer; SentencePiece tokenizers add it themselves, so it is not doubled) + </s>.
+    Pieces are tokenised separately and concatenated, as LLaVA's `tokenizer_image_token` does around
+    the image placeholder: the label boundary then falls exactly between pieces, with no guessing
+    about merges across it. For byte-level BPE the result equals tokenising the whole string, because
+    the pre-tokenizer already splits at these spaces and at "\\n".
+    """
+    if IMAGE_PLACEHOLDER in question:
+        raise DataError(f"{where}: the question holds another {IMAGE_PLACEHOLDER!r} placeholder after removing the "
+                        "first; only one image per record is supported")
+    if IMAGE_PLACEHOLDER in answer:
+        raise DataError(f"{where}: the answer holds an {IMAGE_PLACEHOLDER!r} placeholder")
+    if not answer.strip():
+        raise DataError(f"{where}: the answer is empty")
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"{where}: the tokenizer has no eos token (expected '</s>')")
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    prefix = bos + tokenizer(f"{SYSTEM_PROMPT} USER: ", add_special_tokens=False).input_ids
+    suffix = tokenizer(f"\n{question} ASSISTANT:", add_special_tokens=False).input_ids
+    answer_text = answer.strip() if _adds_prefix_space(tokenizer) else f" {answer.strip()}"
+    answer_ids = tokenizer(answer_text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    return prefix, suffix, answer_ids
+
+
+def assemble_conversation(pieces, num_image_tokens: int, image_token_id: int, max_length: int,
+                          where: str = "conversation"):
+    """(prefix, suffix, answer) ids -> (input_ids (T,), labels (T,)) with the image placeholder expanded.
+
+    Truncation to max_length never cuts the prompt (and so never an image token): it cuts the tail of
+    the answer. A cut answer loses its </s> as well, because teaching the model to stop in the middle
+    of a sentence would be a wrong signal; such a sample keeps at least one answer label. A prompt that
+    leaves no room for one answer token raises DataError.
+    """
+    prefix, suffix, answer_ids = pieces
+    prompt = list(prefix) + [image_token_id] * num_image_tokens + list(suffix)
+    room = max_length - len(prompt)
+    if room < 1:
+        raise DataError(f"{where}: the prompt is {len(prompt)} tokens ({num_image_tokens} image tokens) and leaves "
+                        f"no room for an answer token within max_length={max_length}; raise --max-length or "
+                        "shorten the question")
+    answer_ids = list(answer_ids)[:room]
+    input_ids = torch.tensor(prompt + answer_ids, dtype=torch.long)  # (T,)
+    labels = torch.tensor([IGNORE_INDEX] * len(prompt) + answer_ids, dtype=torch.long)  # (T,)
+    return input_ids, labels
+
+
+def tokenize_conversation(question: str, answer: str, tokenizer, num_image_tokens: int, image_token_id: int,
+                          max_length: int, where: str = "conversation"):
+    """vicuna_v1 ids of one turn: (input_ids (T,), labels (T,)); labels are -100 except answer + </s>.
+
+    See `encode_conversation` (piece-wise tokenisation) and `assemble_conversation` (truncation)."""
+    pieces = encode_conversation(question, answer, tokenizer, where)
+    return assemble_conversation(pieces, num_image_tokens, image_token_id, max_length, where)
+
+
+# ---------------------------------------------------------------------------------------------
+# Records: LLaVA / DataOptim JSON and JSONL
+# ---------------------------------------------------------------------------------------------
+def _record_name(path, index: int, record) -> str:
+    record_id = record.get("id") if isinstance(record, dict) else None
+    return f"{path}: record {index} (id {record_id!r})"
+
+
+def question_and_answer(record: dict, where: str) -> tuple[str, str]:
+    """The human question (image placeholder removed) and the gpt answer of a single-turn record."""
+    if "question" in record and "answer" in record and "conversations" not in record:
+        return str(record["question"]), str(record["answer"])
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: 'conversations' must be a non-empty list of turns, got {turns!r:.80}")
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or "from" not in turn:
+            raise DataError(f"{where}: turn {i} must be an object with 'from' and a string 'value', got {turn!r:.80}")
+    if turns[0]["from"] != "human":
+        raise DataError(f"{where}: the first turn must be from 'human', got {turns[0]['from']!r}")
+    if len(turns) < 2 or turns[1]["from"] != "gpt":
+        raise DataError(f"{where}: no answer turn (a second turn from 'gpt')")
+    if len(turns) > 2:
+        raise DataError(f"{where}: {len(turns)} turns; only single-turn records (human, gpt) are supported")
+    human = turns[0]["value"]
+    if IMAGE_PLACEHOLDER not in human:
+        raise DataError(f"{where}: the human turn has no {IMAGE_PLACEHOLDER!r} placeholder")
+    question = human.replace(IMAGE_PLACEHOLDER, "", 1).strip()
+    if IMAGE_PLACEHOLDER in question:
+        raise DataError(f"{where}: the human turn holds several {IMAGE_PLACEHOLDER!r} placeholders; one image per "
+                        "record is supported")
+    answer = turns[1]["value"].strip()
+    if not answer:
+        raise DataError(f"{where}: the answer turn is empty")
+    return question, answer
+
+
+def validate_record(record, where: str) -> None:
+    """Raise DataError unless record is a single-turn LLaVA record with an id and an image path."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    if record.get("id") is None or str(record["id"]) == "":
+        raise DataError(f"{where}: missing 'id'")
+    image = record.get("image")
+    if not isinstance(image, str) or not image:
+        raise DataError(f"{where}: missing 'image' field (a relative image path); text-only records are not "
+                        "supported")
+    question_and_answer(record, where)
+
+
+def _parse_json_or_jsonl(path: Path) -> list:
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"{path}: empty file (expected a JSON list or JSON lines)")
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: "
+                            f"{error.msg}") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of records")
+        return data
+    records = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: malformed JSON at line {lineno}, column {error.colno}: {error.msg} "
+                            "(read as JSON lines: one record per line)") from None
+    return records
+
+
+def load_records(path, skip_bad_records: bool = False, skipped: list | None = None) -> list[dict]:
+    """Read and validate a JSON list or JSONL file of LLaVA records; ids become str.
+
+    A malformed file raises DataError with line and column. A bad record raises DataError naming the
+    file, index, id and problem; with skip_bad_records it is left out, logged, and its message appended
+    to `skipped` (when given)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"records file {path} does not exist")
+    good = []
+    for index, record in enumerate(_parse_json_or_jsonl(path)):
+        where = _record_name(path, index, record)
+        try:
+            validate_record(record, where)
+        except DataError as error:
+            if not skip_bad_records:
+                raise
+            log.warning("skipping bad record: %s", error)
+            if skipped is not None:
+                skipped.append(str(error))
+            continue
+        good.append({**record, "id": str(record["id"])})
+    return good
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-task mixing (paper Sec. 4.1)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Source:
+    """One downstream dataset of the mix."""
+
+    name: str  # dataset name kept in every record ("flickr30k", "scienceqa", ...)
+    path: str  # LLaVA JSON / JSONL file
+    task: str  # "caption" (open-response, CIDEr) or "choice" (fixed-choice, accuracy)
+    image_folder: str | None = None  # when set, image paths become image_folder / image (else the dataset's)
+
+
+def with_choice_suffix(question: str) -> str:
+    """The question ending with CHOICE_SUFFIX on its own line, never twice."""
+    question = question.rstrip()
+    return question if question.endswith(CHOICE_SUFFIX) else f"{question}\n{CHOICE_SUFFIX}"
+
+
+def mix_datasets(sources, samples_per_dataset: int = 10_000, seed: int = 0, skip_bad_records: bool = False,
+                 skipped: list | None = None) -> list[dict]:
+    """k random records per dataset, prompts rewritten as in the paper (Sec. 4.1).
+
+    sources: Source objects or (name, path, task) tuples. Per dataset, a generator seeded by (seed, name)
+    draws k = samples_per_dataset records without replacement (all of them, logged, when fewer) and,
+    for caption records, one of the five CAPTION_PROMPTS per record (replacing the original
+    instruction); choice questions get CHOICE_SUFFIX appended unless already there. Returned records:
+    the original fields plus "question", "answer", "task", "source" and rewritten "conversations";
+    dataset order, then draw order (the trainer shuffles)."""
+    if samples_per_dataset < 1:
+        raise ValueError(f"samples_per_dataset must be >= 1, got {samples_per_dataset}")
+    mixed = []
+    names = set()
+    for source in sources:
+        source = source if isinstance(source, Source) else Source(*source)
+        if source.task not in TASKS:
+            raise ValueError(f"dataset {source.name!r} ({source.path}): task must be one of {TASKS}, "
+                             f"got {source.task!r}")
+        if source.name in names:
+            raise ValueError(f"dataset name {source.name!r} appears twice in the mix")
+        names.add(source.name)
+        records = load_records(source.path, skip_bad_records=skip_bad_records, skipped=skipped)
+        rng = random.Random(f"{seed}/{source.name}")  # str seeds are stable across runs and processes
+        if len(records) <= samples_per_dataset:
+            chosen = list(range(len(records)))
+            rng.shuffle(chosen)
+            log.warning("dataset %s (%s): %d records <= samples_per_dataset=%d; using all of them",
+                        source.name, source.path, len(records), samples_per_dataset)
+        else:
+            chosen = rng.sample(range(len(records)), samples_per_dataset)
+        for index in chosen:
+            record = records[index]
+            question, answer = question_and_answer(record, _record_name(source.path, index, record))
+            if source.task == "caption":
+                question = rng.choice(CAPTION_PROMPTS)
+            else:
+                question = with_choice_suffix(question)
+            image = record["image"]
+            if source.image_folder is not None:
+                image = str(Path(source.image_folder) / image)
+            mixed.append({**record, "image": image, "question": question, "answer": answer, "task": source.task,
+                          "source": source.name,
+                          "conversations": [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}"},
+                                            {"from": "gpt", "value": answer}]})
+    return mixed
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset and collation
+# ---------------------------------------------------------------------------------------------
+def open_image(path: Path, where: str) -> Image.Image:
+    """PIL RGB image, or FileNotFoundError / DataError naming the file and the record."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: image {path} does not exist")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"{where}: image {path} cannot be read: {error}") from None
+
+
+class MultiTaskDataset(torch.utils.data.Dataset):
+    """Records -> dict(id, task, source, input_ids (T,), labels (T,), pixel_values (C, H, W), ...).
+
+    Validation is eager for everything cheap, so a run fails (or reports its skips) before training
+    starts: record structure, tokenisation and the max_length check for every record, and each image's
+    existence plus its header (`Image.open` reads only the header: unknown or non-image files fail here).
+    Full decoding happens lazily in __getitem__; a file whose header is fine but whose pixel data is
+    truncated raises there (naming file and record) even with skip_bad_records, because an index the
+    trainer already scheduled cannot be dropped silently.
+
+    preprocess(list[PIL.Image]) -> (B, 3, H, W) comes from the model (pad-to-square / resize + norm).
+    With skip_bad_records, bad records are left out; `self.skipped` lists "record: reason" for each, and
+    every skip is logged.
+    """
+
+    def __init__(self, records, image_folder, tokenizer, preprocess, num_image_tokens: int, image_token_id: int,
+                 max_length: int, skip_bad_records: bool = False):
+        self.image_folder = Path(image_folder)
+        self.preprocess = preprocess
+        self.skipped: list[str] = []
+        self.records, self.pieces = [], []
+        self.num_image_tokens, self.image_token_id, self.max_length = num_image_tokens, image_token_id, max_length
+        for index, record in enumerate(records):
+            where = f"record {index} (id {record.get('id')!r}, source {record.get('source')!r})"
+            try:
+                validate_record(record, where)
+                question, answer = question_and_answer(record, where)
+                pieces = encode_conversation(question, answer, tokenizer, where)
+                assemble_conversation(pieces, num_image_tokens, image_token_id, max_length, where)
+                path = self.image_folder / record["image"]
+                if not path.is_file():
+                    raise FileNotFoundError(f"{where}: image {path} does not exist")
+                try:
+                    with Image.open(path):
+                        pass
+                except (OSError, ValueError, Image.DecompressionBombError) as error:
+                    raise DataError(f"{where}: image {path} cannot be read: {error}") from None
+            except (DataError, FileNotFoundError) as error:
+                if not skip_bad_records:
+                    raise
+                log.warning("skipping bad record: %s", error)
+                self.skipped.append(str(error))
+                continue
+            self.records.append({**record, "question": question, "answer": answer})
+            self.pieces.append(pieces)
+        if self.skipped:
+            log.warning("skipped %d of %d records (skip_bad_records=True)", len(self.skipped),
+                        len(self.skipped) + len(self.records))
+        if not self.records:
+            raise DataError(f"no usable record among {len(self.skipped)} (skipped: {self.skipped[:3]})")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        where = f"record {index} (id {record.get('id')!r}, source {record.get('source')!r})"
+        input_ids, labels = assemble_conversation(self.pieces[index], self.num_image_tokens, self.image_token_id,
+                                                  self.max_length, where)
+        image = open_image(self.image_folder / record["image"], where)
+        pixel_values = self.preprocess([image])[0]  # (C, H, W)
+        prompt_length = int((labels == IGNORE_INDEX).sum())  # the answer is the tail
+        return {"id": str(record["id"]), "task": record.get("task", ""), "source": record.get("source", ""),
+                "input_ids": input_ids, "labels": labels, "pixel_values": pixel_values,
+                "prompt_length": prompt_length, "answer": record["answer"],
+                "references": list(record.get("references") or [record["answer"]])}
+
+
+def _pad(rows: list[torch.Tensor], value: int, left: bool = False) -> torch.Tensor:
+    width = max(len(row) for row in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)  # (B, T)
+    for i, row in enumerate(rows):
+        if left:
+            out[i, width - len(row):] = row
+        else:
+            out[i, :len(row)] = row
+    return out
+
+
+def collate(batch: list[dict], pad_token_id: int) -> dict:
+    """Right-padded training batch: input_ids, attention_mask, labels (-100 on padding) (B, T),
+    pixel_values (B, C, H, W), ids, tasks, sources (lists of str)."""
+    if not batch:
+        raise ValueError("collate: empty batch")
+    input_ids = _pad([item["input_ids"] for item in batch], pad_token_id)  # (B, T)
+    attention_mask = _pad([torch.ones_like(item["input_ids"]) for item in batch], 0)  # (B, T)
+    labels = _pad([item["labels"] for item in batch], IGNORE_INDEX)  # (B, T)
+    pixel_values = torch.stack([item["pixel_values"] for item in batch])  # (B, C, H, W)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixel_values,
+            "ids": [item["id"] for item in batch], "tasks": [item["task"] for item in batch],
+            "sources": [item["source"] for item in batch]}
+
+
+def collate_for_generation(batch: list[dict], pad_token_id: int) -> dict:
+    """Left-padded prompts (up to and including "ASSISTANT:") for greedy generation: input_ids,
+    attention_mask (B, T), pixel_values (B, C, H, W), ids, tasks, sources, answers, references."""
+    if not batch:
+        raise ValueError("collate_for_generation: empty batch")
+    prompts = [item["input_ids"][: item["prompt_length"]] for item in batch]
+    input_ids = _pad(prompts, pad_token_id, left=True)  # (B, T)
+    attention_mask = _pad([torch.ones_like(p) for p in prompts], 0, left=True)  # (B, T)
+    pixel_values = torch.stack([item["pixel_values"] for item in batch])  # (B, C, H, W)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+            "ids": [item["id"] for item in batch], "tasks": [item["task"] for item in batch],
+            "sources": [item["source"] for item in batch], "answers": [item["answer"] for item in batch],
+            "references": [item["references"] for item in batch]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic embedded-default vocabulary (shared by make_synthetic and tokenizer_corpus).
+# ---------------------------------------------------------------------------------------------
+SYNTH_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
+SYNTH_SHAPES = ("circle", "square", "triangle")
+SYNTH_COUNTS = ("one", "two", "three")
+SYNTH_POSITIONS = ("left", "right", "top", "bottom")
+SYNTH_SIZES = ("small", "large")
+OPTION_LETTERS = "ABCDEFGHIJ"
+# Caption paraphrases; slots: {count} {size} {colour} {shapes} {position}.
+SYNTH_CAPTION_TEMPLATES = (
+    "{count} {size} {colour} {shapes} on the {position}",
+    "there are {count} {size} {colour} {shapes} on the {position}",
+    "{count} {size} {colour} {shapes} at the {position} of the image",
+    "on the {position} there are {count} {size} {colour} {shapes}",
+    "the image shows {count} {size} {colour} {shapes} on the {position}",
+)
+SYNTH_QUESTIONS = {
+    "colour": "What colour are the shapes?",
+    "shape": "Which shape is shown?",
+    "count": "How many shapes are there?",
+    "position": "Where are the shapes?",
+    "size": "What size are the shapes?",
+}
+
+
+def _plural(shape: str, count: str) -> str:
+    return shape if count == "one" else shape + "s"
+
+
+def tokenizer_corpus() -> list[str]:
+    """Texts a tiny byte-level BPE tokenizer is trained on (deterministic, same list every call).
+
+    Covers the vicuna_v1 template words, the system prompt, the five caption prompts, the choice
+    suffix, lettered option lines, and every word of the synthetic data set (colours, shapes,
+    counts, positions, sizes, caption paraphrases, questions), so that synthetic prompts and answers
+    tokenize into few, stable tokens.
+    """
+    texts = [SYSTEM_PROMPT, "USER:", "ASSISTANT:", "USER: ASSISTANT:", CHOICE_SUFFIX]
+    texts += [f"{SYSTEM_PROMPT} USER: {IMAGE_PLACEHOLDER}\n{p} ASSISTANT:" for p in CAPTION_PROMPTS]
+    texts += list(CAPTION_PROMPTS)
+    texts += list(SYNTH_QUESTIONS.values())
+    values = {
+        "colour": list(SYNTH_COLOURS), "shape": list(SYNTH_SHAPES), "count": list(SYNTH_COUNTS),
+        "position": list(SYNTH_POSITIONS), "size": list(SYNTH_SIZES),
+    }
+    for kind, question in SYNTH_QUESTIONS.items():
+        options = values[kind]
+        lines = "\n".join(f"{OPTION_LETTERS[i]}. {o}" for i, o in enumerate(options))
+        texts.append(f"{question}\n{lines}\n{CHOICE_SUFFIX}")
+    texts += [f"{letter}. " for letter in OPTION_LETTERS] + list(OPTION_LETTERS)
+    for words in values.values():
+        texts += list(words)
+    for template in SYNTH_CAPTION_TEMPLATES:
+        for count in SYNTH_COUNTS:
+            for shape in SYNTH_SHAPES:
+                for colour in SYNTH_COLOURS:
+                    for size in SYNTH_SIZES:
+                        for position in SYNTH_POSITIONS:
+                            texts.append(template.format(count=count, size=size, colour=colour,
+                                                         shapes=_plural(shape, count), position=position))
+    return texts
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+
+
+def _synthetic_scene(rng: random.Random, image_size: int):
+    """One random scene: its attributes and the drawn image. Shapes of one colour, shape and size sit
+    in one half of a plain canvas (left/right halves stack them vertically, top/bottom horizontally)."""
+    scene = {"colour": rng.choice(list(SYNTH_COLOURS)), "shape": rng.choice(SYNTH_SHAPES),
+             "count": rng.choice(SYNTH_COUNTS), "position": rng.choice(SYNTH_POSITIONS),
+             "size": rng.choice(SYNTH_SIZES)}
+    n = SYNTH_COUNTS.index(scene["count"]) + 1
+    side = float(image_size)
+    r = side * (0.12 if scene["size"] == "large" else 0.06)
+    jitter = side * 0.03
+    image = Image.new("RGB", (image_size, image_size), (245, 245, 245))
+    draw = ImageDraw.Draw(image)
+    for i in range(n):
+        along = side * (i + 1) / (n + 1) + rng.uniform(-jitter, jitter)  # spread along the half's long side
+        across = side * (0.25 if scene["position"] in ("left", "top") else 0.75) + rng.uniform(-jitter, jitter)
+        cx, cy = (across, along) if scene["position"] in ("left", "right") else (along, across)
+        _draw_shape(draw, scene["shape"], cx, cy, r, SYNTH_COLOURS[scene["colour"]])
+    return scene, image
+
+
+def synthetic_captions(scene: dict) -> list[str]:
+    """The five reference paraphrases of a scene; the first is the canonical training caption."""
+    shapes = _plural(scene["shape"], scene["count"])
+    return [t.format(count=scene["count"], size=scene["size"], colour=scene["colour"], shapes=shapes,
+                     position=scene["position"]) for t in SYNTH_CAPTION_TEMPLATES]
+
+
+def _synthetic_choice(rng: random.Random, scene: dict):
+    """A multiple-choice question about one attribute: (question with lettered options, options, letter)."""
+    kind = rng.choice(list(SYNTH_QUESTIONS))
+    values = {"colour": list(SYNTH_COLOURS), "shape": list(SYNTH_SHAPES), "count": list(SYNTH_COUNTS),
+              "position": list(SYNTH_POSITIONS), "size": list(SYNTH_SIZES)}[kind]
+    options = list(values)
+    rng.shuffle(options)
+    letter = OPTION_LETTERS[options.index(scene[kind])]
+    lines = "\n".join(f"{OPTION_LETTERS[i]}. {option}" for i, option in enumerate(options))
+    return f"{SYNTH_QUESTIONS[kind]}\n{lines}\n{CHOICE_SUFFIX}", options, letter
+
+
+def make_synthetic(out_dir, n_train: int = 400, n_test: int = 40, seed: int = 0, image_size: int = 64) -> dict:
+    """Write the synthetic multi-task set (embedded default) to out_dir; returns {file name: count}.
+
+    Per image one caption record and one multiple-choice record. Files:
+      images/{split}_{i:05d}.png   64 x 64 PIL drawings: 1-3 shapes, one colour / shape / size, in one half
+      train_caption.json, train_choice.json   LLaVA records (train captions: the canonical phrasing)
+      test_caption.json   + "references": the five paraphrases of the scene
+      test_choice.json    + "answer": the letter, "options": the option texts
+    Deterministic for a given seed (same bytes)."""
+    if n_train < 1 or n_test < 1 or image_size < 16:
+        raise ValueError(f"make_synthetic: need n_train, n_test >= 1 and image_size >= 16, got {n_train}, {n_test}, "
+                         f"{image_size}")
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    files = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        captions, choices = [], []
+        for i in range(n):
+            scene, image = _synthetic_scene(rng, image_size)
+            image_path = f"images/{split}_{i:05d}.png"
+            image.save(out_dir / image_path)
+            references = synthetic_captions(scene)
+            prompt = rng.choice(CAPTION_PROMPTS)
+            caption = {"id": f"synthetic-{split}-{i:05d}-caption", "image": image_path,
+                       "conversations": [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{prompt}"},
+                                         {"from": "gpt", "value": references[0]}]}
+            question, options, letter = _synthetic_choice(rng, scene)
+            choice = {"id": f"synthetic-{split}-{i:05d}-choice", "image": image_path,
+                      "conversations": [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}"},
+                                        {"from": "gpt", "value": letter}]}
+            if split == "test":
+                caption["references"] = references
+                choice.update(answer=letter, options=options)
+            captions.append(caption)
+            choices.append(choice)
+        for task, records in (("caption", captions), ("choice", choices)):
+            name = f"{split}_{task}.json"
+            (out_dir / name).write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+            files[name] = len(records)
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# IconQA (not in DataOptim): convert its release to LLaVA records
+# ---------------------------------------------------------------------------------------------
+def convert_iconqa(root, out_path, split: str = "train", limit: int | None = None) -> int:
+    """IconQA multiple-choice text questions ("choose_txt") -> LLaVA JSON; returns the record count.
+
+    Release layout: ROOT/problems.json ({pid: {"question", "choices": [...], "answer": index, ...}}),
+    ROOT/pid_splits.json ({"choose_txt_train": [pid, ...], ...}) and images at
+    ROOT/iconqa/{split}/choose_txt/{pid}/image.png (or ROOT/{split}/choose_txt/{pid}/image.png).
+    Each record: question + "A. ..." option lines + CHOICE_SUFFIX, answer = the letter; "answer" and
+    "options" are also stored (the test-split format evaluate.py reads). Image paths are absolute, so
+    the file mixes with datasets that live under another --image-folder."""
+    root = Path(root)
+    for name in ("problems.json", "pid_splits.json"):
+        if not (root / name).is_file():
+            raise FileNotFoundError(f"IconQA root {root}: {name} not found (expected the release's iconqa_data folder)")
+    problems = json.loads((root / "problems.json").read_text(encoding="utf-8"))
+    splits = json.loads((root / "pid_splits.json").read_text(encoding="utf-8"))
+    key = f"choose_txt_{split}"
+    if key not in splits:
+        raise DataError(f"{root / 'pid_splits.json'}: no key {key!r} (has {sorted(splits)[:8]})")
+    image_root = root / "iconqa" if (root / "iconqa" / split).is_dir() else root
+    records = []
+    for pid in splits[key][:limit]:
+        pid = str(pid)
+        where = f"{root / 'problems.json'}: problem {pid!r}"
+        problem = problems.get(pid)
+        if problem is None:
+            raise DataError(f"{where}: listed in pid_splits.json[{key!r}] but missing")
+        choices, answer = problem.get("choices"), problem.get("answer")
+        if not isinstance(choices, list) or not 2 <= len(choices) <= len(OPTION_LETTERS):
+            raise DataError(f"{where}: 'choices' must be a list of 2..{len(OPTION_LETTERS)} options, got {choices!r}")
+        if not isinstance(answer, int) or not 0 <= answer < len(choices):
+            raise DataError(f"{where}: 'answer' must be an index into the {len(choices)} choices, got {answer!r}")
+        image = image_root / split / "choose_txt" / pid / "image.png"
+        if not image.is_file():
+            raise FileNotFoundError(f"{where}: image {image} does not exist")
+        options = [str(c) for c in choices]
+        lines = "\n".join(f"{OPTION_LETTERS[i]}. {option}" for i, option in enumerate(options))
+        question = with_choice_suffix(f"{str(problem.get('question', '')).strip()}\n{lines}")
+        letter = OPTION_LETTERS[answer]
+        records.append({"id": f"iconqa-{split}-{pid}", "image": str(image.resolve()),
+                        "conversations": [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}"},
+                                          {"from": "gpt", "value": letter}],
+                        "answer": letter, "options": options})
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+    return len(records)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="nrca data tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    synthetic = commands.add_parser("synthetic", help="write the synthetic multi-task data set (embedded default)")
+    synthetic.add_argument("out_dir")
+    synthetic.add_argument("--n-train", type=int, default=400, help="train images (1 caption + 1 choice record each)")
+    synthetic.add_argument("--n-test", type=int, default=40, help="test images")
+    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--image-size", type=int, default=64)
+    iconqa = commands.add_parser("convert-iconqa", help="IconQA release (choose_txt) -> LLaVA JSON")
+    iconqa.add_argument("root", help="the release's iconqa_data folder (problems.json, pid_splits.json)")
+    iconqa.add_argument("out", help="output JSON file")
+    iconqa.add_argument("--split", default="train", choices=("train", "val", "test"))
+    iconqa.add_argument("--limit", type=int, default=None, help="first N problems only")
+    args = parser.parse_args(argv)
+    if args.command == "synthetic":
+        files = make_synthetic(args.out_dir, args.n_train, args.n_test, args.seed, args.image_size)
+        print(f"wrote {args.out_dir}: " + ", ".join(f"{name} ({n} records)" for name, n in files.items()))
+    else:
+        n = convert_iconqa(args.root, args.out, args.split, args.limit)
+        print(f"wrote {args.out}: {n} IconQA {args.split} records")
+
+
+if __name__ == "__main__":
+    main()

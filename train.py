@@ -238,7 +238,7 @@ def build_dataset(cfg: TrainConfig, mllm, rank: int, world: int):
         sources = [("caption", "synthetic-caption", str(root / "train_caption.json")),
                    ("choice", "synthetic-choice", str(root / "train_choice.json"))]
         image_folder = cfg.image_folder or str(root)
-    records = data.mix_datasets([data.Source(name=n, path=p, task=t) for t, n, p in sources],
+    records = data.mix_datasets([data.Source(name=n, path=p, task=t) for t, n, p in sources], skip_bad_records=cfg.skip_bad_records,
                                 samples_per_dataset=cfg.samples_per_dataset, seed=cfg.seed)
     return data.MultiTaskDataset(records, image_folder, mllm.tokenizer, mllm.preprocess,
                                  mllm.num_image_tokens, mllm.image_token_id, cfg.max_length,
