@@ -490,6 +490,9 @@ def tokenizer_corpus() -> list[str]:
         lines = "\n".join(f"{OPTION_LETTERS[i]}. {o}" for i, o in enumerate(options))
         texts.append(f"{question}\n{lines}\n{CHOICE_SUFFIX}")
     texts += [f"{letter}. " for letter in OPTION_LETTERS] + list(OPTION_LETTERS)
+    # A letter answer follows "ASSISTANT:" after a space: " B" must be one token, so that a fixed-choice
+    # label is letter + </s> = 2 tokens, as with LLaVA's tokenizer (the open/fixed split of Eq. 5b).
+    texts += [f"ASSISTANT: {letter}" for letter in OPTION_LETTERS] * 4
     for words in values.values():
         texts += list(words)
     for template in SYNTH_CAPTION_TEMPLATES:

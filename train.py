@@ -102,8 +102,8 @@ class TrainConfig:
 
 PRESETS = {
     # A tiny random-weight model learns the synthetic set from scratch: all layers, larger lr.
-    "embedded": dict(model="tiny-llava", epochs=4, batch_size=16, micro_batch_size=16, lr_llm=2e-3,
-                     lr_connector=2e-3, tune_last_layers=-1, max_length=256, warmup_ratio=0.05,
+    "embedded": dict(model="tiny-llava", epochs=4, batch_size=16, micro_batch_size=16, lr_llm=5e-4,
+                     lr_connector=5e-4, tune_last_layers=-1, max_length=256, warmup_ratio=0.05,
                      out_dir="runs/embedded", eval_max_new_tokens=16),
     "llava": dict(lr_llm=2e-4, lr_connector=2e-5, batch_size=16, epochs=3, tune_last_layers=2),
     "vila": dict(lr_llm=1e-4, lr_connector=1e-4, batch_size=16, epochs=3, tune_last_layers=2),
