@@ -54,7 +54,12 @@ class TrainConfig:
     train: list = _f(None, "TASK:NAME=PATH of a LLaVA/DataOptim JSON(L) file, repeatable; TASK is "
                            "caption or choice. Empty: the synthetic set in --data-dir")
     image_folder: str = _f("", "folder the records' image paths are relative to (default: the JSON's folder)")
+    test: list = _f(None, "TASK:NAME=PATH of a test split for the per-epoch evaluation, repeatable (with --train; "
+                          "default: the synthetic test split in --data-dir)")
     data_dir: str = _f("data/synthetic", "synthetic data set, generated here when absent")
+    base_epochs: int = _f(0, "tiny models only: first train the random model with Full FT on all layers for this "
+                             "many epochs on a separate synthetic set (a stand-in for MLLM pre-training), cached "
+                             "next to --out-dir and shared by every method")
     samples_per_dataset: int = _f(10_000, "k random records per dataset (paper: 10k)")
     max_length: int = _f(2048, "max tokens per sample; image tokens are never cut")
     skip_bad_records: bool = _f(False, "count and log bad records instead of stopping")
@@ -102,8 +107,9 @@ class TrainConfig:
 
 PRESETS = {
     # A tiny random-weight model learns the synthetic set from scratch: all layers, larger lr.
-    "embedded": dict(model="tiny-llava", epochs=4, batch_size=16, micro_batch_size=16, lr_llm=5e-4,
-                     lr_connector=5e-4, tune_last_layers=-1, max_length=256, warmup_ratio=0.05,
+    # A tiny random-weight model is first "pre-trained" (base_epochs), then fine-tuned as in the paper.
+    "embedded": dict(model="tiny-llava", base_epochs=8, epochs=3, batch_size=16, micro_batch_size=16,
+                     lr_llm=5e-4, lr_connector=5e-4, tune_last_layers=2, max_length=256, warmup_ratio=0.05,
                      out_dir="runs/embedded", eval_max_new_tokens=16),
     "llava": dict(lr_llm=2e-4, lr_connector=2e-5, batch_size=16, epochs=3, tune_last_layers=2),
     "vila": dict(lr_llm=1e-4, lr_connector=1e-4, batch_size=16, epochs=3, tune_last_layers=2),
@@ -119,7 +125,7 @@ def parse_config(argv=None) -> TrainConfig:
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=f.metadata["help"])
-        elif f.name == "train":
+        elif f.name in ("train", "test"):
             parser.add_argument(flag, action="append", default=None, help=f.metadata["help"])
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type)]
@@ -166,7 +172,7 @@ def validate_config(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    for spec in cfg.train or []:
+    for spec in (cfg.train or []) + (cfg.test or []):
         parse_train_spec(spec)
 
 
@@ -175,9 +181,9 @@ def parse_train_spec(spec: str):
     head, sep, path = spec.partition("=")
     task, sep2, name = head.partition(":")
     if not (sep and sep2 and task in ("caption", "choice") and name and path):
-        raise ValueError(f"--train {spec!r}: expected TASK:NAME=PATH with TASK caption or choice")
+        raise ValueError(f"--train/--test {spec!r}: expected TASK:NAME=PATH with TASK caption or choice")
     if not Path(path).is_file():
-        raise ValueError(f"--train {spec!r}: file {path} does not exist")
+        raise ValueError(f"--train/--test {spec!r}: file {path} does not exist")
     return task, name, path
 
 
@@ -238,7 +244,8 @@ def build_dataset(cfg: TrainConfig, mllm, rank: int, world: int):
         sources = [("caption", "synthetic-caption", str(root / "train_caption.json")),
                    ("choice", "synthetic-choice", str(root / "train_choice.json"))]
         image_folder = cfg.image_folder or str(root)
-    records = data.mix_datasets([data.Source(name=n, path=p, task=t) for t, n, p in sources], skip_bad_records=cfg.skip_bad_records,
+    records = data.mix_datasets([data.Source(name=n, path=p, task=t) for t, n, p in sources],
+                                skip_bad_records=cfg.skip_bad_records,
                                 samples_per_dataset=cfg.samples_per_dataset, seed=cfg.seed)
     return data.MultiTaskDataset(records, image_folder, mllm.tokenizer, mllm.preprocess,
                                  mllm.num_image_tokens, mllm.image_token_id, cfg.max_length,
@@ -369,10 +376,36 @@ def peak_memory_mb(device) -> float:
 def main(cfg: TrainConfig) -> dict:
     rank, world, device = init_distributed()
     try:
+        if cfg.base_epochs:
+            cfg = dataclasses.replace(cfg, model=str(pretrain_base_model(cfg, rank, world, device)), base_epochs=0)
         return _train(cfg, rank, world, device)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def pretrain_base_model(cfg: TrainConfig, rank: int, world: int, device) -> Path:
+    """The embedded default's stand-in for a pre-trained MLLM: a tiny random model trained with Full FT on
+    all layers on its own synthetic set (other images, seed + 1). Fine-tuning then starts, as in the paper,
+    from a model that already answers, so that confidences (Eq. 4) are not ~1/V. Cached and shared."""
+    if cfg.model not in ("tiny-llava", "tiny-vila"):
+        raise ValueError(f"--base-epochs is for the tiny models; {cfg.model!r} is already pre-trained")
+    base_dir = Path(cfg.out_dir).parent / f"base-{cfg.model}-seed{cfg.seed}-e{cfg.base_epochs}"
+    if not (base_dir / "final" / "config.json").exists():
+        data_dir = Path(cfg.data_dir + "-pretrain")
+        if rank == 0 and not (data_dir / "train_caption.json").exists():
+            data.make_synthetic(data_dir, seed=cfg.seed + 1)
+        if world > 1:
+            dist.barrier()
+        base = dataclasses.replace(cfg, method="full", epochs=cfg.base_epochs, base_epochs=0, tune_last_layers=-1,
+                                   lr_llm=5e-4, lr_connector=5e-4, data_dir=str(data_dir), out_dir=str(base_dir),
+                                   eval_every_epoch=False, resume=False, stop_at_step=0, train=None)
+        if rank == 0:
+            print(f"pre-training the base {cfg.model} in {base_dir} (Full FT, {cfg.base_epochs} epochs)")
+        _train(base, rank, world, device)
+        if world > 1:
+            dist.barrier()
+    return base_dir / "final"
 
 
 def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
@@ -415,6 +448,15 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
               f"parameters, {world} rank(s), {total_steps} steps; extra memory of the method: "
               f"{method.extra_memory_bytes() / 2**20:.2f} MiB")
     metrics_file = out_dir / "metrics.jsonl"
+    # FSDP2 ranks would each generate a different number of tokens (early EOS) and hang in the all-gathers:
+    # evaluate the saved model afterwards with `python evaluate.py OUT_DIR` instead.
+    evaluate_each_epoch = cfg.eval_every_epoch and not (cfg.fsdp and world > 1)
+    if cfg.eval_every_epoch and not evaluate_each_epoch and rank == 0:
+        print("--fsdp: per-epoch evaluation is off; run `python evaluate.py OUT_DIR` on the final model")
+    if cfg.train and evaluate_each_epoch and not cfg.test:
+        raise ValueError("--train given without --test: name the test splits for the per-epoch evaluation "
+                         "(or pass --no-eval-every-epoch)")
+    epoch_results = []
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
     step = position["step"]
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=cfg.method, dynamic_ncols=True)
@@ -471,12 +513,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
             if stop:
                 bar.close()
                 return {"stopped_at_step": step}
-        if cfg.eval_every_epoch:
+        if evaluate_each_epoch:
             summary = evaluate_epoch(cfg, mllm, epoch + 1, rank, world, out_dir)
+            epoch_results.append((epoch + 1, summary))
     bar.close()
     save_final_model(mllm, fsdp_units, out_dir / "final", rank)
-    if rank == 0 and summary:
-        print_results(cfg, summary)
+    if rank == 0 and epoch_results:
+        print_results(cfg, epoch_results)
     return summary
 
 
@@ -496,7 +539,11 @@ def evaluate_epoch(cfg: TrainConfig, mllm, epoch: int, rank: int, world: int, ou
 
     mllm.model.eval()
     try:
-        result = evaluate.evaluate_model(mllm, cfg.data_dir, out_dir=out_dir / f"eval_epoch{epoch}",
+        real_data = bool(cfg.train)
+        result = evaluate.evaluate_model(mllm, None if real_data else cfg.data_dir,
+                                         tests=cfg.test if real_data else None,
+                                         image_folder=(cfg.image_folder or None) if real_data else None,
+                                         out_dir=out_dir / f"eval_epoch{epoch}",
                                          max_new_tokens=cfg.eval_max_new_tokens, limit=cfg.eval_limit,
                                          rank=rank, world_size=world)
     finally:
@@ -507,12 +554,14 @@ def evaluate_epoch(cfg: TrainConfig, mllm, epoch: int, rank: int, world: int, ou
     return result
 
 
-def print_results(cfg: TrainConfig, summary: dict):
-    print(f"\nresults after {cfg.epochs} epochs ({cfg.method}, {cfg.model}):")
-    print("| metric | value |\n|---|---|")
-    for key, value in summary.items():
-        if isinstance(value, (int, float)):
-            print(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
+def print_results(cfg: TrainConfig, epoch_results: list):
+    """The per-epoch test scores (paper Fig. 1): CIDEr (x100), multiple-choice accuracy (%), their mean."""
+    print(f"\n{cfg.method} on {cfg.model} ({cfg.out_dir}):")
+    print("| epoch | CIDEr | accuracy | AVG | unparsable answers |\n|---|---|---|---|---|")
+    for epoch, result in epoch_results:
+        cells = [f"{result[k]:.2f}" if result.get(k) is not None else "-" for k in ("cider", "accuracy", "avg")]
+        print(f"| {epoch} | {' | '.join(cells)} | {result.get('n_unparsable', '-')} |")
+    print(f"model: {Path(cfg.out_dir) / 'final'}; more: python evaluate.py {cfg.out_dir} [--noisy] [--attention]")
 
 
 if __name__ == "__main__":
