@@ -81,19 +81,24 @@ _LINE_BREAKS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # ---------------------------------------------------------------------------------------------
 # Captioning metrics
 # ---------------------------------------------------------------------------------------------
+def check_matching_ids(what: str, predictions: dict, expected: dict, expected_name: str, lacking: str) -> None:
+    """Predictions are matched to references/answers by id, never by position: the id sets must be equal."""
+    missing = sorted(set(expected) - set(predictions), key=str)
+    extra = sorted(set(predictions) - set(expected), key=str)
+    if missing or extra:
+        raise ValueError(f"{what}: prediction ids do not match {expected_name} ids: {len(missing)} {expected_name} "
+                         f"id(s) without a prediction {missing[:10]}, {len(extra)} prediction id(s) without "
+                         f"{lacking} {extra[:10]}")
+    if not predictions:
+        raise ValueError(f"{what}: no predictions to score")
+
+
 def _check_caption_inputs(predictions: dict, references: dict, allow_empty: bool) -> None:
     """Ids must match exactly (never by position); predictions non-empty strings; references non-empty lists."""
     if not isinstance(predictions, dict) or not isinstance(references, dict):
         raise TypeError(f"caption metrics: predictions and references must be dicts keyed by id, got "
                         f"{type(predictions).__name__} and {type(references).__name__}")
-    missing = sorted(set(references) - set(predictions), key=str)
-    extra = sorted(set(predictions) - set(references), key=str)
-    if missing or extra:
-        raise ValueError(f"caption metrics: prediction ids do not match reference ids: {len(missing)} reference "
-                         f"id(s) without a prediction {missing[:10]}, {len(extra)} prediction id(s) without "
-                         f"references {extra[:10]}")
-    if not predictions:
-        raise ValueError("caption metrics: no predictions to score")
+    check_matching_ids("caption metrics", predictions, references, "reference", "references")
     for key, prediction in predictions.items():
         if not isinstance(prediction, str):
             raise TypeError(f"caption metrics: prediction of id {key!r} must be a str, got {type(prediction).__name__}")
@@ -247,14 +252,7 @@ def choice_metrics(predictions: dict[str, str], answers: dict[str, str],
     options[id] (list of option texts) sets n_options and allows the exact-text fallback; without
     options any letter A-Z is accepted. Returns accuracy, n_choice, n_correct, n_unparsable,
     n_option_text_matched and per_id {id: {"letter", "correct"}}."""
-    missing = sorted(set(answers) - set(predictions), key=str)
-    extra = sorted(set(predictions) - set(answers), key=str)
-    if missing or extra:
-        raise ValueError(f"choice metrics: prediction ids do not match answer ids: {len(missing)} answer id(s) "
-                         f"without a prediction {missing[:10]}, {len(extra)} prediction id(s) without an answer "
-                         f"{extra[:10]}")
-    if not predictions:
-        raise ValueError("choice metrics: no predictions to score")
+    check_matching_ids("choice metrics", predictions, answers, "answer", "an answer")
     options = options or {}
     per_id, n_correct, n_unparsable, n_text = {}, 0, 0, 0
     for key in sorted(predictions, key=str):
