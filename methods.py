@@ -135,6 +135,10 @@ class NRCA(Method):
                            generator=generator)
 
     def loss(self, forward, batch):
+        if self.cfg.lam == 0 or self.cfg.delta == 0:
+            # Eq. (6) with lam = 0 is CE; with delta = 0, Eq. (2b) gives x~ = x, so I~ = I and Eq. (5b) is 0.
+            # Either way NRCA is Full FT (paper Fig. 4): skip the noisy branch, so the update is exactly Full FT's.
+            return super().loss(forward, batch)
         noisy = self.noisy_pixels(batch)
         if self.cfg.nrca_impl == "released":
             clean_stats = released_token_stats(forward, batch, batch["pixel_values"])

@@ -374,6 +374,7 @@ def peak_memory_mb(device) -> float:
 
 
 def main(cfg: TrainConfig) -> dict:
+    validate_config(cfg)  # also for a TrainConfig built or edited in code: fail before any model loads
     rank, world, device = init_distributed()
     try:
         if cfg.base_epochs:
@@ -418,15 +419,20 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     random.seed(cfg.seed)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
-    mllm = models.load_model(cfg.model, dtype=torch.bfloat16 if use_bf16 else torch.float32, device=device)
+    load_dtype = torch.bfloat16 if use_bf16 else torch.float32
+    mllm = models.load_model(cfg.model, dtype=load_dtype, device=device)
     layers = cfg.tune_last_layers if cfg.tune_last_layers >= 0 else len(mllm.decoder_layers)
     groups = models.freeze_for_finetuning(mllm, tune_last_layers=layers, tune_connector=True)
     for group in groups:  # fp32 master weights for what trains; frozen weights stay in bf16 on GPU
         for p in group["params"]:
             p.data = p.data.float()
     dataset = build_dataset(cfg, mllm, rank, world)
+    group_by_id = {id(p): g["name"] for g in groups for p in g["params"]}
+    group_of = {n: group_by_id[id(p)] for n, p in mllm.model.named_parameters() if id(p) in group_by_id}
     wrapped, fsdp_units = parallelize(mllm, cfg, world)
     named_params = [(n, p) for n, p in mllm.model.named_parameters() if p.requires_grad]
+    # fully_shard replaces each parameter by a new (DTensor) one: the optimizer must get those, found by name.
+    groups = [{"name": g["name"], "params": [p for n, p in named_params if group_of[n] == g["name"]]} for g in groups]
     method = get_method(cfg.method)(cfg, mllm, named_params)
     forward = model_forward(wrapped)
 
@@ -443,7 +449,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        n_trainable = sum(full_tensor(p).numel() for _, p in named_params)
+        n_trainable = sum(p.numel() for _, p in named_params)  # a DTensor reports its global numel: no collective
         print(f"{cfg.method} on {cfg.model}: {len(dataset)} records, {n_trainable / 1e6:.2f}M trainable "
               f"parameters, {world} rank(s), {total_steps} steps; extra memory of the method: "
               f"{method.extra_memory_bytes() / 2**20:.2f} MiB")
@@ -517,20 +523,34 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
             summary = evaluate_epoch(cfg, mllm, epoch + 1, rank, world, out_dir)
             epoch_results.append((epoch + 1, summary))
     bar.close()
-    save_final_model(mllm, fsdp_units, out_dir / "final", rank)
+    if not fsdp_units:  # the saved model gets the dtype it was loaded in (trainable tensors trained in fp32)
+        for _, p in named_params:
+            p.data = p.data.to(load_dtype)
+    save_final_model(mllm, fsdp_units, out_dir / "final", rank, source=cfg.model, dtype=load_dtype)
     if rank == 0 and epoch_results:
         print_results(cfg, epoch_results)
     return summary
 
 
-def save_final_model(mllm, fsdp_units, folder: Path, rank: int):
-    """The whole model in the input's format (a LLaVA folder or VILA's three folders)."""
-    for unit in fsdp_units:
-        unit.unshard()
+def save_final_model(mllm, fsdp_units, folder: Path, rank: int, source: str = "", dtype=torch.float32):
+    """The whole model in the input's format (a LLaVA folder or VILA's three folders).
+
+    FSDP2's state-dict hooks always hand out the shards (even after `unshard()`), so with --fsdp every
+    rank all-gathers the trainable tensors and rank 0 writes them into a fresh CPU copy of `source`
+    (the model the run started from, loaded in `dtype`), which it saves."""
+    if not fsdp_units:
+        if rank == 0:
+            mllm.save(folder)
+        return
+    trained = {name: full_tensor(p.detach()).cpu() for name, p in mllm.model.named_parameters()
+               if hasattr(p, "full_tensor")}  # collectives: every rank, same order
     if rank == 0:
-        mllm.save(folder)
-    for unit in fsdp_units:
-        unit.reshard()
+        copy = models.load_model(source, dtype=dtype)
+        params = dict(copy.model.named_parameters())
+        with torch.no_grad():
+            for name, value in trained.items():
+                params[name].copy_(value)
+        copy.save(folder)
 
 
 def evaluate_epoch(cfg: TrainConfig, mllm, epoch: int, rank: int, world: int, out_dir: Path) -> dict:
