@@ -16,3 +16,28 @@ def synthetic_data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     data.make_synthetic(root, n_train=24, n_test=4)
     return root
+
+
+def run_on_gloo_ranks(worker, world: int, *args):
+    """Run `worker(rank, world, *args)` in `world` spawned processes joined by a gloo process group."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gloo_rank, args=(worker, world, port, args), nprocs=world)
+
+
+def _gloo_rank(rank, worker, world, port, args):
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # the ranks share the cores
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        worker(rank, world, *args)
+    finally:
+        dist.destroy_process_group()

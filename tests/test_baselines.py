@@ -5,13 +5,11 @@ weight decay, mask shares, memory accounting, resume, the tiny MLLMs, and 2-rank
 """
 
 import io
-import os
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from conftest import run_on_gloo_ranks
 from torch import nn
 
 from baselines import (
@@ -431,80 +429,71 @@ def _run_reference(cls, redraw, batch, steps):
     return grads, weights, method
 
 
-def _distributed_worker(rank, world, port, steps):
+def _distributed_worker(rank, world, steps):
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
     from baselines import gather_full
 
-    torch.set_num_threads(1)  # two ranks share the cores
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        full_batch = tiny_batch(n=2 * world)
-        mine = {k: v[rank * 2:(rank + 1) * 2] for k, v in full_batch.items()}  # (2, T) each
-        for cls, redraw in DISTRIBUTED_SETUPS:
-            ref_grads, ref_weights, ref_method = _run_reference(cls, redraw, full_batch, steps)
-            for mode in ("ddp", "fsdp"):
-                where = f"rank {rank} {mode} {cls.__name__}({redraw})"
-                model = TinyLM()
-                if mode == "fsdp":
-                    fully_shard(model.up)
-                    fully_shard(model.down)
-                    wrapped = model
+    full_batch = tiny_batch(n=2 * world)
+    mine = {k: v[rank * 2:(rank + 1) * 2] for k, v in full_batch.items()}  # (2, T) each
+    for cls, redraw in DISTRIBUTED_SETUPS:
+        ref_grads, ref_weights, ref_method = _run_reference(cls, redraw, full_batch, steps)
+        for mode in ("ddp", "fsdp"):
+            where = f"rank {rank} {mode} {cls.__name__}({redraw})"
+            model = TinyLM()
+            if mode == "fsdp":
+                fully_shard(model.up)
+                fully_shard(model.down)
+                wrapped = model
+            else:
+                wrapped = DistributedDataParallel(model)
+            named = trainable(model)
+            method = cls(config(mask_redraw=redraw, reg_lam=2.0), None, named)
+            optimizer = torch.optim.AdamW([p for _, p in named], lr=0.05, weight_decay=0.1)
+            full = lambda t, p: gather_full(p, t.to_local() if hasattr(t, "to_local") else t)
+            close = lambda got, expected, label: torch.testing.assert_close(
+                got, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{label}: {m}")
+            for step in range(steps):
+                loss, _ = method.loss(model_forward(wrapped), mine)
+                loss.backward()
+                for name, p in named:
+                    close(full(p.grad, p), ref_grads[step][name], f"{where} step {step} gradient of {name}")
+                if hasattr(method, "before_optimizer_step"):
+                    method.before_optimizer_step()
+                optimizer.step()
+                method.after_optimizer_step()
+                optimizer.zero_grad(set_to_none=True)
+                for name, p in named:
+                    close(full(p.detach(), p), ref_weights[step][name], f"{where} step {step} weight {name}")
+            if hasattr(method, "masks"):  # the same masks as one process, element for element
+                for (name, p), mask, saved, ref_mask in zip(named, method.masks, method.saved, ref_method.masks,
+                                                            strict=True):
+                    assert torch.equal(gather_full(p, mask), ref_mask), f"{where}: mask of {name}"
+                    if redraw == "once":  # saved = w0
+                        local = p.to_local() if hasattr(p, "to_local") else p
+                        assert torch.equal(local.detach()[mask], saved[mask]), f"{where}: {name} moved"
+            state, ref_state = method.state_dict(), ref_method.state_dict()
+            for key, value in ref_state.items():
+                if isinstance(value, dict):
+                    for name in value:
+                        assert torch.equal(state[key][name], value[name]), f"{where}: state {key}[{name}]"
                 else:
-                    wrapped = DistributedDataParallel(model)
-                named = trainable(model)
-                method = cls(config(mask_redraw=redraw, reg_lam=2.0), None, named)
-                optimizer = torch.optim.AdamW([p for _, p in named], lr=0.05, weight_decay=0.1)
-                full = lambda t, p: gather_full(p, t.to_local() if hasattr(t, "to_local") else t)
-                close = lambda got, expected, label: torch.testing.assert_close(
-                    got, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{label}: {m}")
-                for step in range(steps):
-                    loss, _ = method.loss(model_forward(wrapped), mine)
-                    loss.backward()
-                    for name, p in named:
-                        close(full(p.grad, p), ref_grads[step][name], f"{where} step {step} gradient of {name}")
-                    if hasattr(method, "before_optimizer_step"):
-                        method.before_optimizer_step()
-                    optimizer.step()
-                    method.after_optimizer_step()
-                    optimizer.zero_grad(set_to_none=True)
-                    for name, p in named:
-                        close(full(p.detach(), p), ref_weights[step][name], f"{where} step {step} weight {name}")
-                if hasattr(method, "masks"):  # the same masks as one process, element for element
-                    for (name, p), mask, saved, ref_mask in zip(named, method.masks, method.saved, ref_method.masks,
-                                                                strict=True):
-                        assert torch.equal(gather_full(p, mask), ref_mask), f"{where}: mask of {name}"
-                        if redraw == "once":  # saved = w0
-                            local = p.to_local() if hasattr(p, "to_local") else p
-                            assert torch.equal(local.detach()[mask], saved[mask]), f"{where}: {name} moved"
-                state, ref_state = method.state_dict(), ref_method.state_dict()
-                for key, value in ref_state.items():
-                    if isinstance(value, dict):
-                        for name in value:
-                            assert torch.equal(state[key][name], value[name]), f"{where}: state {key}[{name}]"
-                    else:
-                        assert state[key] == value, f"{where}: state {key}"
-                # extra memory is per rank: the shards add up to the single-process number
-                memory = torch.tensor([method.extra_memory_bytes()])
-                dist.all_reduce(memory)
-                expected = ref_method.extra_memory_bytes() * (world if mode == "ddp" else 1)
-                assert memory.item() == expected, f"{where}: extra memory {memory.item()} != {expected}"
-                # resume: a fresh method loads the full-tensor state into its shards
-                fresh = cls(config(mask_redraw=redraw, reg_lam=2.0), None, named)
-                fresh.load_state_dict(save_and_load(ref_state))
-                assert getattr(fresh, "draws", None) == getattr(method, "draws", None), where
-                for stored in ("w0", "masks", "saved") if redraw == "once" else ():  # every-step: redrawn
-                    for a, b in zip(getattr(fresh, stored, []), getattr(method, stored, []), strict=True):
-                        assert torch.equal(a, b), f"{where}: resumed {stored}"
-    finally:
-        dist.destroy_process_group()
+                    assert state[key] == value, f"{where}: state {key}"
+            # extra memory is per rank: the shards add up to the single-process number
+            memory = torch.tensor([method.extra_memory_bytes()])
+            dist.all_reduce(memory)
+            expected = ref_method.extra_memory_bytes() * (world if mode == "ddp" else 1)
+            assert memory.item() == expected, f"{where}: extra memory {memory.item()} != {expected}"
+            # resume: a fresh method loads the full-tensor state into its shards
+            fresh = cls(config(mask_redraw=redraw, reg_lam=2.0), None, named)
+            fresh.load_state_dict(save_and_load(ref_state))
+            assert getattr(fresh, "draws", None) == getattr(method, "draws", None), where
+            for stored in ("w0", "masks", "saved") if redraw == "once" else ():  # every-step: redrawn
+                for a, b in zip(getattr(fresh, stored, []), getattr(method, stored, []), strict=True):
+                    assert torch.equal(a, b), f"{where}: resumed {stored}"
 
 
 def test_ddp_and_fsdp2_match_one_process():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_distributed_worker, args=(2, port, 3), nprocs=2)
+    run_on_gloo_ranks(_distributed_worker, 2, 3)

@@ -7,13 +7,11 @@ FSDP2) against one process.
 
 import io
 import math
-import os
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from conftest import run_on_gloo_ranks
 from PIL import Image
 from torch import nn
 
@@ -313,56 +311,48 @@ def run_steps(model, wrapped, x, y, steps):
     return method
 
 
-def _distributed_worker(rank, world, port, steps):
+def _distributed_worker(rank, world, steps):
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
     from baselines import gather_full
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        x, y = distributed_data()
-        reference = TwoLayer()
-        ref_method = run_steps(reference, reference, x, y, steps)
-        ref_state = ref_method.state_dict()
-        half = x.shape[0] // world
-        mine = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
-        for mode in ("ddp", "fsdp"):
-            where = f"rank {rank} {mode}"
-            model = TwoLayer()
-            if mode == "fsdp":
-                fully_shard(model.up)
-                fully_shard(model.down)
-                wrapped = model
-            else:
-                wrapped = DistributedDataParallel(model)
-            method = run_steps(model, wrapped, *mine, steps)
-            for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
-                local = p.to_local() if hasattr(p, "to_local") else p
-                torch.testing.assert_close(gather_full(p, local.detach()), q.detach(), rtol=1e-5, atol=1e-6,
-                                           msg=f"{where} weight {name}")
-            state = method.state_dict()
-            for key in ("w0", "importance_pre", "grad_sum"):
-                for name, value in ref_state[key].items():
-                    torch.testing.assert_close(state[key][name], value, rtol=1e-5, atol=1e-6,
-                                               msg=f"{where} {key}[{name}]")
-            memory = torch.tensor([method.extra_memory_bytes()])
-            dist.all_reduce(memory)
-            expected = ref_method.extra_memory_bytes() * (world if mode == "ddp" else 1)
-            assert memory.item() == expected, f"{where}: extra memory {memory.item()} != {expected}"
-            fresh = Spider(config(), None, list(model.named_parameters()))
-            fresh.load_state_dict(save_and_load(state))
-            for a, b in zip(fresh.w0 + fresh.importance_pre + fresh.grad_sum,
-                            method.w0 + method.importance_pre + method.grad_sum, strict=True):
-                assert torch.equal(a, b), f"{where}: resumed state differs"
-    finally:
-        dist.destroy_process_group()
+    x, y = distributed_data()
+    reference = TwoLayer()
+    ref_method = run_steps(reference, reference, x, y, steps)
+    ref_state = ref_method.state_dict()
+    half = x.shape[0] // world
+    mine = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+    for mode in ("ddp", "fsdp"):
+        where = f"rank {rank} {mode}"
+        model = TwoLayer()
+        if mode == "fsdp":
+            fully_shard(model.up)
+            fully_shard(model.down)
+            wrapped = model
+        else:
+            wrapped = DistributedDataParallel(model)
+        method = run_steps(model, wrapped, *mine, steps)
+        for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+            local = p.to_local() if hasattr(p, "to_local") else p
+            torch.testing.assert_close(gather_full(p, local.detach()), q.detach(), rtol=1e-5, atol=1e-6,
+                                       msg=f"{where} weight {name}")
+        state = method.state_dict()
+        for key in ("w0", "importance_pre", "grad_sum"):
+            for name, value in ref_state[key].items():
+                torch.testing.assert_close(state[key][name], value, rtol=1e-5, atol=1e-6,
+                                           msg=f"{where} {key}[{name}]")
+        memory = torch.tensor([method.extra_memory_bytes()])
+        dist.all_reduce(memory)
+        expected = ref_method.extra_memory_bytes() * (world if mode == "ddp" else 1)
+        assert memory.item() == expected, f"{where}: extra memory {memory.item()} != {expected}"
+        fresh = Spider(config(), None, list(model.named_parameters()))
+        fresh.load_state_dict(save_and_load(state))
+        for a, b in zip(fresh.w0 + fresh.importance_pre + fresh.grad_sum,
+                        method.w0 + method.importance_pre + method.grad_sum, strict=True):
+            assert torch.equal(a, b), f"{where}: resumed state differs"
 
 
 def test_ddp_and_fsdp2_match_one_process():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_distributed_worker, args=(2, port, 3), nprocs=2)
+    run_on_gloo_ranks(_distributed_worker, 2, 3)
