@@ -118,9 +118,9 @@ FullFinetune = Method
 class NRCA(Method):
     """Noise Resilient Confidence Alignment: Eq. (2) noisy view, Eq. (4)-(6) loss.
 
-    `impl="fused"` (ours): clean and noisy images in one forward of 2B samples with the text shared,
+    `cfg.nrca_impl == "fused"` (ours): clean and noisy images in one forward of 2B samples with the text shared,
     logits only at answer rows, the fused confidence kernel on both branches.
-    `impl="released"`: the authors' way, two forwards with full fp32 (B, T, V) logits, softmax and
+    `cfg.nrca_impl == "released"`: the authors' way, two forwards with full fp32 (B, T, V) logits, softmax and
     PyTorch cross entropy; kept for comparison and for bench/bench_step.py. Both feed the same
     `nrca_objective`, so they agree up to float rounding.
     """
