@@ -41,3 +41,15 @@ def _gloo_rank(rank, worker, world, port, args):
         worker(rank, world, *args)
     finally:
         dist.destroy_process_group()
+
+
+def wrap_up_down(model, mode: str):
+    """A two-layer test model (`up`, `down`) under FSDP2 (each layer sharded) or DDP; returns the module to call."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    if mode == "fsdp":
+        fully_shard(model.up)
+        fully_shard(model.down)
+        return model
+    return DistributedDataParallel(model)

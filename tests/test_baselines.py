@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import run_on_gloo_ranks
+from conftest import run_on_gloo_ranks, wrap_up_down
 from torch import nn
 
 from baselines import (
@@ -431,8 +431,6 @@ def _run_reference(cls, redraw, batch, steps):
 
 def _distributed_worker(rank, world, steps):
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-    from torch.nn.parallel import DistributedDataParallel
 
     from baselines import gather_full
 
@@ -443,12 +441,7 @@ def _distributed_worker(rank, world, steps):
         for mode in ("ddp", "fsdp"):
             where = f"rank {rank} {mode} {cls.__name__}({redraw})"
             model = TinyLM()
-            if mode == "fsdp":
-                fully_shard(model.up)
-                fully_shard(model.down)
-                wrapped = model
-            else:
-                wrapped = DistributedDataParallel(model)
+            wrapped = wrap_up_down(model, mode)
             named = trainable(model)
             method = cls(config(mask_redraw=redraw, reg_lam=2.0), None, named)
             optimizer = torch.optim.AdamW([p for _, p in named], lr=0.05, weight_decay=0.1)

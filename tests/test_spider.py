@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import run_on_gloo_ranks
+from conftest import run_on_gloo_ranks, wrap_up_down
 from PIL import Image
 from torch import nn
 
@@ -313,8 +313,6 @@ def run_steps(model, wrapped, x, y, steps):
 
 def _distributed_worker(rank, world, steps):
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-    from torch.nn.parallel import DistributedDataParallel
 
     from baselines import gather_full
 
@@ -327,12 +325,7 @@ def _distributed_worker(rank, world, steps):
     for mode in ("ddp", "fsdp"):
         where = f"rank {rank} {mode}"
         model = TwoLayer()
-        if mode == "fsdp":
-            fully_shard(model.up)
-            fully_shard(model.down)
-            wrapped = model
-        else:
-            wrapped = DistributedDataParallel(model)
+        wrapped = wrap_up_down(model, mode)
         method = run_steps(model, wrapped, *mine, steps)
         for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
             local = p.to_local() if hasattr(p, "to_local") else p
