@@ -29,9 +29,7 @@ import torch.nn.functional as F
 
 from confidence_kernel import token_confidence
 from noise import noisy_mixup
-from nrca import answer_mean, nrca_objective
-
-IGNORE_INDEX = -100
+from nrca import IGNORE_INDEX, answer_mean, nrca_objective, to_grid
 
 
 def answer_positions(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX):
@@ -57,12 +55,6 @@ def model_forward(model):
     return forward
 
 
-def scatter_rows(values: torch.Tensor, logits_mask: torch.Tensor) -> torch.Tensor:
-    """Put per-row values (N,) back on the (B, T) grid (zeros elsewhere), keeping the graph."""
-    dense = values.new_zeros(logits_mask.shape)  # (B, T)
-    return dense.masked_scatter(logits_mask, values)
-
-
 class Method:
     """Full fine-tuning: plain CE (Eq. 5a), the base every other method builds on."""
 
@@ -84,7 +76,7 @@ class Method:
             logits = forward(batch["attention_mask"], logits_mask, input_ids=batch["input_ids"],
                              pixel_values=pixels)  # (N, V)
         confidence, nll = token_confidence(logits, targets)  # (N,), (N,)
-        return scatter_rows(confidence, logits_mask), scatter_rows(nll, logits_mask), logits_mask
+        return to_grid(confidence, logits_mask), to_grid(nll, logits_mask), logits_mask
 
     @staticmethod
     def sample_mean_ce(nll, mask):
@@ -160,8 +152,8 @@ class NRCA(Method):
                          pixel_values=torch.cat([batch["pixel_values"], noisy]))  # (2N, V)
         confidence, nll = token_confidence(logits, targets.repeat(2))  # (2N,), (2N,)
         n = targets.numel()
-        clean = (scatter_rows(confidence[:n], logits_mask), scatter_rows(nll[:n], logits_mask), logits_mask)
-        noisy_ = (scatter_rows(confidence[n:], logits_mask), scatter_rows(nll[n:], logits_mask), logits_mask)
+        clean = (to_grid(confidence[:n], logits_mask), to_grid(nll[:n], logits_mask), logits_mask)
+        noisy_ = (to_grid(confidence[n:], logits_mask), to_grid(nll[n:], logits_mask), logits_mask)
         return clean, noisy_
 
 

@@ -68,8 +68,8 @@ import re
 import torch
 import torch.nn.functional as F
 
-from methods import IGNORE_INDEX, Method, answer_positions, model_forward, scatter_rows
-from nrca import answer_mean
+from methods import IGNORE_INDEX, Method, answer_positions, model_forward
+from nrca import answer_mean, to_grid
 
 # Which modality a task's answer depends on. "caption" and "choice" (our mix) are about the image.
 TASK_MODALITY = {
@@ -216,7 +216,7 @@ def row_ce(logits, labels):
     """Per-row mean answer-token CE (R,) from answer-row logits (N, V); has_answer (R,)."""
     logits_mask, targets = answer_positions(labels)
     nll = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
-    return answer_mean(scatter_rows(nll, logits_mask), logits_mask)
+    return answer_mean(to_grid(nll, logits_mask), logits_mask)
 
 
 def pgd_delta(forward, inputs_embeds, attention_mask, labels, positions, eps, alpha, steps, generator):
@@ -387,7 +387,7 @@ class ModalityInterferenceConsistency(Method):
         logits = forward(attention_mask, logits_mask, inputs_embeds=inputs_embeds)  # (N, V)
         log_probs = logits.float().log_softmax(-1)  # (N, V)
         nll = -log_probs.gather(-1, targets[:, None])[:, 0]  # (N,)
-        ce_rows, has_answer = answer_mean(scatter_rows(nll, logits_mask), logits_mask)  # (R,), (R,)
+        ce_rows, has_answer = answer_mean(to_grid(nll, logits_mask), logits_mask)  # (R,), (R,)
         mean = lambda x, m: (x * m).sum() / m.sum().clamp(min=1)
         ce = mean(ce_rows[:n_clean_rows], has_answer[:n_clean_rows])
         ce_pgd = mean(ce_rows[n_clean_rows:], has_answer[n_clean_rows:])

@@ -160,16 +160,16 @@ def nrca_loss(
     confidence, nll = token_confidence(clean_rows, targets, ignore_index=ignore_index)  # (N,), (N,)
     noisy_confidence, _ = token_confidence(noisy_rows, targets, ignore_index=ignore_index)  # (N,)
     return nrca_objective(
-        _to_grid(nll, label_mask),
-        _to_grid(confidence, label_mask),
-        _to_grid(noisy_confidence, label_mask),
+        to_grid(nll, label_mask),
+        to_grid(confidence, label_mask),
+        to_grid(noisy_confidence, label_mask),
         label_mask,
         lam=lam,
         min_open_tokens=min_open_tokens,
     )
 
 
-def _to_grid(values: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
+def to_grid(values: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
     """Per-answer-row values (N,) back onto the (B, T) grid, zeros elsewhere, keeping the graph."""
     return values.new_zeros(label_mask.shape).masked_scatter(label_mask, values)  # (B, T)
 

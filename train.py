@@ -271,7 +271,7 @@ def load_batch(dataset, indices, pad_token_id, device):
     for index in indices:
         item = dataset[index if index >= 0 else -1 - index]
         if index < 0:  # padding: same shapes, no answer token
-            item = {**item, "labels": torch.full_like(item["labels"], -100)}
+            item = {**item, "labels": torch.full_like(item["labels"], data.IGNORE_INDEX)}
         items.append(item)
     batch = data.collate(items, pad_token_id)
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
