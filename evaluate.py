@@ -855,6 +855,8 @@ def main_evaluate(argv: list[str]) -> dict:
                 for key, value in result.items():
                     if key.startswith("attention_"):
                         print(f"{key} {value:.4f}")
+        if world > 1:
+            dist.barrier()  # no rank tears gloo/NCCL down while another still has messages in flight to it
         return result
     finally:
         if world > 1:

@@ -379,7 +379,10 @@ def main(cfg: TrainConfig) -> dict:
     try:
         if cfg.base_epochs:
             cfg = dataclasses.replace(cfg, model=str(pretrain_base_model(cfg, rank, world, device)), base_epochs=0)
-        return _train(cfg, rank, world, device)
+        result = _train(cfg, rank, world, device)
+        if dist.is_initialized():
+            dist.barrier()  # no rank tears gloo/NCCL down while another still has messages in flight to it
+        return result
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

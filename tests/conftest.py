@@ -39,6 +39,7 @@ def _gloo_rank(rank, worker, world, port, args):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         worker(rank, world, *args)
+        dist.barrier()  # no rank tears gloo down while another still has messages in flight to it
     finally:
         dist.destroy_process_group()
 
