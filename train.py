@@ -169,6 +169,11 @@ def validate_config(cfg: TrainConfig) -> None:
         (cfg.max_length >= 8, f"--max-length {cfg.max_length}: too small"),
         (cfg.save_every >= 0 and cfg.stop_at_step >= 0, "--save-every / --stop-at-step must be >= 0"),
     ]
+    # Per-epoch evaluation runs unless FSDP2 shards the model over several ranks (see _train).
+    evaluates = cfg.eval_every_epoch and not (cfg.fsdp and int(os.environ.get("WORLD_SIZE", 1)) > 1)
+    checks.append((not (cfg.train and evaluates and not cfg.test),
+                   "--train given without --test: name the test splits for the per-epoch evaluation "
+                   "(or pass --no-eval-every-epoch)"))
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
@@ -462,9 +467,6 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     evaluate_each_epoch = cfg.eval_every_epoch and not (cfg.fsdp and world > 1)
     if cfg.eval_every_epoch and not evaluate_each_epoch and rank == 0:
         print("--fsdp: per-epoch evaluation is off; run `python evaluate.py OUT_DIR` on the final model")
-    if cfg.train and evaluate_each_epoch and not cfg.test:
-        raise ValueError("--train given without --test: name the test splits for the per-epoch evaluation "
-                         "(or pass --no-eval-every-epoch)")
     epoch_results = []
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
     step = position["step"]

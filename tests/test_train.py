@@ -285,6 +285,9 @@ def test_errors_come_before_any_model_loads(synthetic_data_dir, tmp_path, monkey
     good = config(synthetic_data_dir, tmp_path)
     with pytest.raises(ValueError, match="--delta 1.5"):  # a config edited in code is checked by main too
         train.main(dataclasses.replace(good, delta=1.5))
+    caption = f"caption:cap={synthetic_data_dir / 'train_caption.json'}"
+    with pytest.raises(ValueError, match="--train given without --test"):  # real data needs its test splits
+        train.main(dataclasses.replace(good, train=[caption], eval_every_epoch=True))
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
