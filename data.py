@@ -399,9 +399,11 @@ class MultiTaskDataset(torch.utils.data.Dataset):
                 "references": list(record.get("references") or [record["answer"]])}
 
 
-def _pad(rows: list[torch.Tensor], value: int, left: bool = False) -> torch.Tensor:
-    width = max(len(row) for row in rows)
-    out = torch.full((len(rows), width), value, dtype=torch.long)  # (B, T)
+def pad_sequences(rows: list[torch.Tensor], value: int, left: bool = False, width: int = 0) -> torch.Tensor:
+    """1-D rows -> one (B, T) tensor on their device and dtype, T = max(longest row, width), padded with
+    `value` on the right (training) or on the left (generation)."""
+    width = max([len(row) for row in rows] + [width])
+    out = rows[0].new_full((len(rows), width), value)  # (B, T)
     for i, row in enumerate(rows):
         if left:
             out[i, width - len(row):] = row
@@ -415,9 +417,9 @@ def collate(batch: list[dict], pad_token_id: int) -> dict:
     pixel_values (B, C, H, W), ids, tasks, sources (lists of str)."""
     if not batch:
         raise ValueError("collate: empty batch")
-    input_ids = _pad([item["input_ids"] for item in batch], pad_token_id)  # (B, T)
-    attention_mask = _pad([torch.ones_like(item["input_ids"]) for item in batch], 0)  # (B, T)
-    labels = _pad([item["labels"] for item in batch], IGNORE_INDEX)  # (B, T)
+    input_ids = pad_sequences([item["input_ids"] for item in batch], pad_token_id)  # (B, T)
+    attention_mask = pad_sequences([torch.ones_like(item["input_ids"]) for item in batch], 0)  # (B, T)
+    labels = pad_sequences([item["labels"] for item in batch], IGNORE_INDEX)  # (B, T)
     pixel_values = torch.stack([item["pixel_values"] for item in batch])  # (B, C, H, W)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixel_values,
             "ids": [item["id"] for item in batch], "tasks": [item["task"] for item in batch],
@@ -430,8 +432,8 @@ def collate_for_generation(batch: list[dict], pad_token_id: int) -> dict:
     if not batch:
         raise ValueError("collate_for_generation: empty batch")
     prompts = [item["input_ids"][: item["prompt_length"]] for item in batch]
-    input_ids = _pad(prompts, pad_token_id, left=True)  # (B, T)
-    attention_mask = _pad([torch.ones_like(p) for p in prompts], 0, left=True)  # (B, T)
+    input_ids = pad_sequences(prompts, pad_token_id, left=True)  # (B, T)
+    attention_mask = pad_sequences([torch.ones_like(p) for p in prompts], 0, left=True)  # (B, T)
     pixel_values = torch.stack([item["pixel_values"] for item in batch])  # (B, C, H, W)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
             "ids": [item["id"] for item in batch], "tasks": [item["task"] for item in batch],

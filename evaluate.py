@@ -419,16 +419,6 @@ def _prompt_ids(mllm, question: str, max_length: int = 1_000_000) -> list[int]:
     return input_ids[: int(answer[0])].tolist()
 
 
-def _left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, width - len(row):] = 1
-    return input_ids, attention_mask
-
-
 def _load_images(records: list[dict], image_folder: Path):
     from PIL import Image
 
@@ -449,6 +439,8 @@ def generate_answers(mllm, records: list[dict], image_folder: Path, batch_size: 
     attention: {"all": [system, prompt, visual], "mid": [...]} for the first generated token."""
     from tqdm import tqdm
 
+    import data
+
     device = mllm.device
     system_ids = torch.tensor(system_token_ids(mllm.tokenizer), device=device)  # (n_system,)
     out = []
@@ -456,8 +448,9 @@ def generate_answers(mllm, records: list[dict], image_folder: Path, batch_size: 
     for start in tqdm(starts, desc="generate", disable=not progress, dynamic_ncols=True):
         batch = records[start:start + batch_size]
         rows = [_prompt_ids(mllm, record["question"]) for record in batch]
-        input_ids, attention_mask = _left_pad(rows, mllm.pad_token_id)
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        rows = [torch.tensor(row, dtype=torch.long, device=device) for row in rows]
+        input_ids = data.pad_sequences(rows, mllm.pad_token_id, left=True)  # (B, T)
+        attention_mask = data.pad_sequences([torch.ones_like(row) for row in rows], 0, left=True)  # (B, T)
         pixel_values = mllm.preprocess(_load_images(batch, image_folder)).to(device)  # (B, C, H, W)
         if noisy:
             pixel_values = _noisy(pixel_values, [r["id"] for r in batch], noise_seed, delta)

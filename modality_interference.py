@@ -68,6 +68,7 @@ import re
 import torch
 import torch.nn.functional as F
 
+from data import pad_sequences
 from methods import IGNORE_INDEX, Method, answer_positions, model_forward
 from nrca import answer_mean, to_grid
 
@@ -171,12 +172,10 @@ def insert_tokens(input_ids, labels, length, position, new_ids):
 
 def pad_rows(rows, pad_token_id: int, length: int | None = None):
     """Right-pad a list of (input_ids, labels) rows -> input_ids, attention_mask, labels (R, T)."""
-    length = max([len(ids) for ids, _ in rows] + [length or 0])
-    input_ids = rows[0][0].new_full((len(rows), length), pad_token_id)  # (R, T)
-    labels = rows[0][1].new_full((len(rows), length), IGNORE_INDEX)  # (R, T)
-    attention_mask = torch.zeros_like(input_ids)  # (R, T)
-    for r, (ids, lab) in enumerate(rows):
-        input_ids[r, : len(ids)], labels[r, : len(ids)], attention_mask[r, : len(ids)] = ids, lab, 1
+    width = length or 0
+    input_ids = pad_sequences([ids for ids, _ in rows], pad_token_id, width=width)  # (R, T)
+    attention_mask = pad_sequences([torch.ones_like(ids) for ids, _ in rows], 0, width=width)  # (R, T)
+    labels = pad_sequences([lab for _, lab in rows], IGNORE_INDEX, width=width)  # (R, T)
     return input_ids, attention_mask, labels
 
 
