@@ -29,20 +29,7 @@ import torch.nn.functional as F
 
 from confidence_kernel import token_confidence
 from noise import noisy_mixup
-from nrca import IGNORE_INDEX, answer_mean, nrca_objective, to_grid
-
-
-def answer_positions(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX):
-    """Rows whose logits predict an answer token: logits at t predict labels at t + 1.
-
-    Returns `logits_mask` (B, T) bool and `targets` (N,) in the row-major order that
-    `hidden[logits_mask]` produces.
-    """
-    next_labels = labels[:, 1:]  # (B, T-1)
-    is_answer = next_labels != ignore_index  # (B, T-1)
-    logits_mask = torch.zeros_like(labels, dtype=torch.bool)  # (B, T)
-    logits_mask[:, :-1] = is_answer
-    return logits_mask, next_labels[is_answer]
+from nrca import IGNORE_INDEX, answer_mean, answer_positions, nrca_objective, to_grid
 
 
 def model_forward(model):

@@ -152,11 +152,9 @@ def nrca_loss(
         raise ValueError(
             f"nrca.nrca_loss: labels must be (B, T) = {tuple(clean_logits.shape[:2])}, got {tuple(labels.shape)}"
         )
-    next_labels = labels[:, 1:]  # (B, T-1): the token each logits row predicts
-    label_mask = next_labels != ignore_index  # (B, T-1) answer positions
-    targets = next_labels[label_mask]  # (N,)
-    clean_rows = clean_logits[:, :-1][label_mask]  # (N, V)
-    noisy_rows = noisy_logits[:, :-1][label_mask]  # (N, V)
+    label_mask, targets = answer_positions(labels, ignore_index)  # (B, T), (N,)
+    clean_rows = clean_logits[label_mask]  # (N, V)
+    noisy_rows = noisy_logits[label_mask]  # (N, V)
     confidence, nll = token_confidence(clean_rows, targets, ignore_index=ignore_index)  # (N,), (N,)
     noisy_confidence, _ = token_confidence(noisy_rows, targets, ignore_index=ignore_index)  # (N,)
     return nrca_objective(
@@ -167,6 +165,19 @@ def nrca_loss(
         lam=lam,
         min_open_tokens=min_open_tokens,
     )
+
+
+def answer_positions(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX):
+    """Rows whose logits predict an answer token: logits at t predict labels at t + 1.
+
+    Returns `logits_mask` (B, T) bool and `targets` (N,) in the row-major order that
+    `hidden[logits_mask]` produces.
+    """
+    next_labels = labels[:, 1:]  # (B, T-1)
+    is_answer = next_labels != ignore_index  # (B, T-1)
+    logits_mask = torch.zeros_like(labels, dtype=torch.bool)  # (B, T)
+    logits_mask[:, :-1] = is_answer
+    return logits_mask, next_labels[is_answer]
 
 
 def to_grid(values: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
