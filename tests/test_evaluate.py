@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 import evaluate
+import metrics
+import reporting
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,7 +32,7 @@ def test_cider_equals_pycocoevalcap_called_directly():
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     predictions = {"img1": "a red circle at the top left", "img2": "two blue squares.", "img3": "A yellow star!"}
-    score, per_id = evaluate.cider(predictions, REFERENCES)
+    score, per_id = metrics.cider(predictions, REFERENCES)
 
     gts = PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in REFERENCES.items()})
     res = PTBTokenizer().tokenize({k: [{"caption": v}] for k, v in predictions.items()})
@@ -44,8 +46,8 @@ def test_cider_equals_pycocoevalcap_called_directly():
 def test_perfect_caption_scores_higher_than_wrong():
     perfect = {k: v[0] for k, v in REFERENCES.items()}
     wrong = {"img1": "a dog on a sofa", "img2": "people walking in a park", "img3": "a plate of food"}
-    high, _ = evaluate.cider(perfect, REFERENCES)
-    low, _ = evaluate.cider(wrong, REFERENCES)
+    high, _ = metrics.cider(perfect, REFERENCES)
+    low, _ = metrics.cider(wrong, REFERENCES)
     assert high > 1.0 > 0.1 > low  # only the word "a" is shared
 
 
@@ -54,27 +56,27 @@ def test_references_keep_their_structure_and_order_does_not_matter():
     predictions = {"img1": "there is a red circle , top left", "img2": "two squares", "img3": "a green triangle"}
     reordered_predictions = dict(reversed(list(predictions.items())))
     reordered_references = dict(reversed(list(REFERENCES.items())))
-    a = evaluate.caption_metrics(predictions, REFERENCES)
-    b = evaluate.caption_metrics(reordered_predictions, reordered_references)
+    a = metrics.caption_metrics(predictions, REFERENCES)
+    b = metrics.caption_metrics(reordered_predictions, reordered_references)
     assert a == b
     split = {k: [part for ref in v for part in ref.split(",")] for k, v in REFERENCES.items()}
-    assert evaluate.cider(predictions, split)[0] != pytest.approx(a["cider"])
+    assert metrics.cider(predictions, split)[0] != pytest.approx(a["cider"])
     assert 0 < a["bleu4"] <= 1 and 0 < a["rouge_l"] <= 1
 
 
 def test_id_mismatch_and_empty_prediction_errors_name_the_ids():
     with pytest.raises(ValueError, match=r"without a prediction \['img3'\].*without references \['imgX'\]"):
-        evaluate.cider({"img1": "a", "img2": "b", "imgX": "c"}, REFERENCES)
+        metrics.cider({"img1": "a", "img2": "b", "imgX": "c"}, REFERENCES)
     with pytest.raises(ValueError, match="empty prediction for id 'img2'"):
-        evaluate.cider({"img1": "a red circle", "img2": "  ", "img3": "a triangle"}, REFERENCES)
+        metrics.cider({"img1": "a red circle", "img2": "  ", "img3": "a triangle"}, REFERENCES)
     with pytest.raises(ValueError, match="references of id 'img1'"):
-        evaluate.cider({"img1": "a"}, {"img1": "a red circle"})  # a str, not a list of references
+        metrics.cider({"img1": "a"}, {"img1": "a red circle"})  # a str, not a list of references
     # Generation may legitimately produce nothing: allow_empty scores it 0 and keeps it in the idf.
-    score, per_id = evaluate.cider({"img1": "a red circle in the top left corner", "img2": "", "img3": "x"},
+    score, per_id = metrics.cider({"img1": "a red circle in the top left corner", "img2": "", "img3": "x"},
                                    REFERENCES, allow_empty=True)
     assert per_id["img2"] == 0.0 and score > 0
     with pytest.raises(ValueError, match=r"without a prediction \['q2'\]"):
-        evaluate.choice_metrics({"q1": "A"}, {"q1": "A", "q2": "B"})
+        metrics.choice_metrics({"q1": "A"}, {"q1": "A", "q2": "B"})
 
 
 @pytest.mark.parametrize("text, n_options, expected", [
@@ -90,30 +92,30 @@ def test_id_mismatch_and_empty_prediction_errors_name_the_ids():
     ("A. B. C.", 4, "A"), ("A.", 1, "A"), ("Z", 26, "Z"),
 ])
 def test_parse_choice(text, n_options, expected):
-    assert evaluate.parse_choice(text, n_options) == expected
+    assert metrics.parse_choice(text, n_options) == expected
 
 
 def test_parse_choice_rejects_bad_n_options():
     with pytest.raises(ValueError, match="n_options"):
-        evaluate.parse_choice("A", 0)
+        metrics.parse_choice("A", 0)
 
 
 def test_option_text_match_and_choice_metrics():
     options = ["red", "blue circle", "green"]
-    assert evaluate.match_option_text(" Blue circle. ", options) == "B"
-    assert evaluate.match_option_text("red", ["red", "Red"]) is None  # ambiguous
-    assert evaluate.match_option_text("a blue circle", options) is None
+    assert metrics.match_option_text(" Blue circle. ", options) == "B"
+    assert metrics.match_option_text("red", ["red", "Red"]) is None  # ambiguous
+    assert metrics.match_option_text("a blue circle", options) is None
     question = "What is it?\nA. red\nB. blue circle\nC. green\nAnswer with the option's letter."
-    assert evaluate.options_from_question(question) == options
-    assert evaluate.options_from_question("Q?\nOptions: (A) cat (B) dog food") == ["cat", "dog food"]
-    scores = evaluate.choice_metrics(
+    assert metrics.options_from_question(question) == options
+    assert metrics.options_from_question("Q?\nOptions: (A) cat (B) dog food") == ["cat", "dog food"]
+    scores = metrics.choice_metrics(
         {"q1": "B", "q2": "blue circle", "q3": "a dog", "q4": "The answer is C.", "q5": "D"},
         {"q1": "B", "q2": "B", "q3": "A", "q4": "A", "q5": "A"},
         {k: options for k in ("q1", "q2", "q3", "q4", "q5")})
     # q1 letter, q2 text match: correct; q3 unparsable; q4 wrong letter; q5 "D" is not among 3 options.
     assert scores["n_correct"] == 2 and scores["accuracy"] == pytest.approx(40.0)
     assert scores["n_unparsable"] == 2 and scores["n_option_text_matched"] == 1
-    no_text = evaluate.choice_metrics({"q2": "blue circle"}, {"q2": "B"}, {"q2": options}, match_text=False)
+    no_text = metrics.choice_metrics({"q2": "blue circle"}, {"q2": "B"}, {"q2": options}, match_text=False)
     assert no_text["n_correct"] == 0 and no_text["n_unparsable"] == 1
 
 
@@ -162,7 +164,7 @@ def test_table_and_plot_commands_on_two_fake_runs(tmp_path, capsys):
 
 
 def test_table_puts_dataset_pairs_side_by_side():
-    table = evaluate.format_table(
+    table = reporting.format_table(
         [("nrca", _eval(76.0, 90.48)), ("nrca", _eval(122.27, 89.64, caption="coco"))],
         [_eval(55.45, 68.96), _eval(72.57, 68.96, caption="coco")])
     assert table.splitlines()[0] == "| Methods | flickr30k | scienceqa | AVG | coco | scienceqa | AVG |"
@@ -176,7 +178,7 @@ def test_missing_things_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no final/ model"):
         evaluate.resolve_checkpoint(str(run))
     with pytest.raises(FileNotFoundError, match="no per-epoch evals"):
-        evaluate.plot_curves([tmp_path], tmp_path / "x.png")
+        reporting.plot_curves([tmp_path], tmp_path / "x.png")
     with pytest.raises(FileNotFoundError, match="test_caption.json"):
         evaluate.resolve_splits(tmp_path)
 
@@ -198,7 +200,7 @@ def test_score_command_rejects_mismatched_reference_file(tmp_path):
 def test_line_breaks_inside_captions_do_not_shift_captions_between_images():
     plain = {"img1": "a red circle top left", "img2": "two blue squares", "img3": "a green triangle"}
     broken = {"img1": "a red circle\ntop left", "img2": "two blue\u2028squares", "img3": "a green\r\ntriangle"}
-    assert evaluate.cider(broken, REFERENCES) == evaluate.cider(plain, REFERENCES)
+    assert metrics.cider(broken, REFERENCES) == metrics.cider(plain, REFERENCES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +236,7 @@ def test_tiny_model_end_to_end(tmp_path, tiny_llava):
     # The stored numbers are recomputed from the stored predictions.
     non_empty = {c["id"]: c["prediction"] for c in captions}
     references = {c["id"]: c["references"] for c in captions}
-    score, _ = evaluate.cider(non_empty, references, allow_empty=True)
+    score, _ = metrics.cider(non_empty, references, allow_empty=True)
     assert result["cider"] == pytest.approx(100 * score)
     assert result["n_correct"] == sum(c["correct"] for c in choices)
     assert result["n_unparsable"] == sum(c["letter"] is None for c in choices)

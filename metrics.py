@@ -1,0 +1,221 @@
+"""Scores of the paper's two task kinds (Sec. 4.1): CIDEr for captions, top-1 accuracy for multiple choice.
+
+- Captioning (open-response): `cider` / `caption_metrics` score greedy captions against all references of
+  each image with pycocoevalcap's `PTBTokenizer` + `Cider`. That `Cider` class *is* CIDEr-D (Vedantam et
+  al., 2015): tf-idf weighted 1..4-gram vectors without stemming, the candidate's n-gram counts clipped at
+  the reference's, a Gaussian length penalty exp(-(l_hyp - l_ref)^2 / (2 * 6^2)), averaged over references
+  and n, times 10; document frequencies come from the references of the set being scored (a score depends
+  on the whole set). Returned on pycocoevalcap's scale; the paper's tables print it x100 (76.00 = 0.76).
+  Optional BLEU-4, ROUGE-L, METEOR. `COCOEvalCap.evaluate()` is never called (its SPICE step downloads).
+- Multiple choice (fixed-choice): `parse_choice` reads the option letter a model wrote; when none can be
+  read, `match_option_text` does IconQA-style exact matching of the answer text against one option;
+  `choice_metrics` counts the rest as wrong and unparsable.
+
+Predictions are always matched to references / answers by id (`check_matching_ids`), never by position.
+Used by evaluate.py (generation + command line) and its `score` command; no model code here.
+"""
+
+from __future__ import annotations
+
+import re
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+# Control characters and Unicode line/paragraph separators become spaces before java's PTBTokenizer
+# (-preserveLines) sees them: a line break inside a caption would shift every following caption onto the
+# wrong image, and other control characters (random-weight models emit them) are "untokenizable".
+_LINE_BREAKS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Captioning metrics
+# ---------------------------------------------------------------------------------------------
+def check_matching_ids(what: str, predictions: dict, expected: dict, expected_name: str, lacking: str) -> None:
+    """Predictions are matched to references/answers by id, never by position: the id sets must be equal."""
+    missing = sorted(set(expected) - set(predictions), key=str)
+    extra = sorted(set(predictions) - set(expected), key=str)
+    if missing or extra:
+        raise ValueError(f"{what}: prediction ids do not match {expected_name} ids: {len(missing)} {expected_name} "
+                         f"id(s) without a prediction {missing[:10]}, {len(extra)} prediction id(s) without "
+                         f"{lacking} {extra[:10]}")
+    if not predictions:
+        raise ValueError(f"{what}: no predictions to score")
+
+
+def _check_caption_inputs(predictions: dict, references: dict, allow_empty: bool) -> None:
+    """Ids must match exactly (never by position); predictions non-empty strings; references non-empty lists."""
+    if not isinstance(predictions, dict) or not isinstance(references, dict):
+        raise TypeError(f"caption metrics: predictions and references must be dicts keyed by id, got "
+                        f"{type(predictions).__name__} and {type(references).__name__}")
+    check_matching_ids("caption metrics", predictions, references, "reference", "references")
+    for key, prediction in predictions.items():
+        if not isinstance(prediction, str):
+            raise TypeError(f"caption metrics: prediction of id {key!r} must be a str, got {type(prediction).__name__}")
+        if not allow_empty and not prediction.strip():
+            raise ValueError(f"caption metrics: empty prediction for id {key!r} (pass allow_empty=True to score "
+                             "empty captions as 0)")
+    for key, refs in references.items():
+        if isinstance(refs, str) or not isinstance(refs, (list, tuple)) or not refs:
+            raise ValueError(f"caption metrics: references of id {key!r} must be a non-empty list of str, got {refs!r}")
+        for ref in refs:
+            if not isinstance(ref, str) or not ref.strip():
+                raise ValueError(f"caption metrics: reference of id {key!r} is empty or not a str: {ref!r}")
+
+
+def ptb_tokenize(captions: dict) -> dict:
+    """{key: [caption, ...]} -> {key: [tokenized lower-case caption without punctuation, ...]} with
+    pycocoevalcap's PTBTokenizer (one java call). Empty captions stay empty strings."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    cleaned = {key: [_LINE_BREAKS.sub(" ", c).strip() for c in caps] for key, caps in captions.items()}
+    to_tokenize = {key: [{"caption": c} for c in caps] for key, caps in cleaned.items() if any(caps)}
+    tokenized = PTBTokenizer().tokenize(to_tokenize) if to_tokenize else {}
+    out = {}
+    for key, caps in cleaned.items():
+        got = tokenized.get(key, [""] * len(caps))
+        if len(got) != len(caps):
+            raise RuntimeError(f"PTBTokenizer returned {len(got)} captions for key {key!r}, expected {len(caps)}")
+        out[key] = got
+    return out
+
+
+def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]], bleu: bool = True,
+                    rouge: bool = True, meteor: bool = False, allow_empty: bool = False) -> dict:
+    """Score captions against references, matched by id. Returns raw pycocoevalcap scores (CIDEr on its
+    own scale, e.g. 0.76; multiply by 100 for the paper's tables):
+    {"cider", "cider_per_id": {id: score}, ["bleu4"], ["rouge_l"], ["meteor"]}.
+
+    Empty predictions raise ValueError naming the id unless allow_empty=True, which scores them 0
+    (an empty candidate has no n-grams) while their references still count in CIDEr's idf."""
+    from pycocoevalcap.cider.cider import Cider
+
+    _check_caption_inputs(predictions, references, allow_empty)
+    ids = sorted(predictions, key=str)
+    both = ptb_tokenize({**{("prediction", i): [predictions[i]] for i in ids},
+                         **{("references", i): list(references[i]) for i in ids}})
+    res = {i: both[("prediction", i)] for i in ids}  # {id: [candidate]}
+    gts = {i: both[("references", i)] for i in ids}  # {id: [reference, ...]}
+    score, per_image = Cider().compute_score(gts, res)
+    out = {"cider": float(score), "cider_per_id": {i: float(s) for i, s in zip(ids, per_image, strict=True)}}
+    if bleu:
+        from pycocoevalcap.bleu.bleu import Bleu
+
+        out["bleu4"] = float(Bleu(4).compute_score(gts, res, verbose=0)[0][3])
+    if rouge:
+        from pycocoevalcap.rouge.rouge import Rouge
+
+        out["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
+    if meteor:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        scorer = Meteor()
+        try:
+            out["meteor"] = float(scorer.compute_score(gts, res)[0])
+        finally:
+            del scorer
+    return out
+
+
+def cider(predictions: dict[str, str], references: dict[str, list[str]],
+          allow_empty: bool = False) -> tuple[float, dict[str, float]]:
+    """CIDEr-D (pycocoevalcap `Cider`, see the module docstring) of captions against all references of
+    each image, after PTB tokenisation. Returns (corpus score, {id: per-image score}) on pycocoevalcap's
+    scale (x100 for the paper's tables). Ids must match exactly; an empty prediction is an error."""
+    out = caption_metrics(predictions, references, bleu=False, rouge=False, allow_empty=allow_empty)
+    return out["cider"], out["cider_per_id"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Multiple-choice metrics
+# ---------------------------------------------------------------------------------------------
+# A whole answer that is only a letter: "B", "B.", "B)", "B:", "(B)"; lower case accepted here only
+# ("b"), because a lone letter cannot be the article "a".
+_BARE_LETTER = re.compile(r"^(?:\(([A-Za-z])\)|([A-Za-z])[.):]?)$")
+# A capital letter with its option text: "B. a red circle", "B) ...", "B: ...", "(B) ...". "A dog" is
+# not an answer (article), nor is "B.C".
+_LETTER_WITH_TEXT = re.compile(r"^(?:\(([A-Z])\)|([A-Z])[.):])\s+\S")
+# "The answer is B.", "the correct answer is (C)", "Answer: D" anywhere in the text (first one wins);
+# the letter must be a capital not followed by another letter ("The answer is a dog" -> None).
+_ANSWER_IS = re.compile(r"(?i:\banswer\s*(?:is\s*:?|:))\s*\(?([A-Z])(?![A-Za-z])")
+
+
+def parse_choice(text: str, n_options: int) -> str | None:
+    """The option letter a model's answer names, or None (unparsable: counted wrong).
+
+    Accepted, after stripping whitespace: a bare letter ("B", "B.", "B)", "(B)", also lower case "b"),
+    a capital letter followed by its option text ("B. a red circle", "(B) red", "B) red", "B: red"), or
+    "... answer is B" / "Answer: (B)" anywhere. The letter must be one of the first `n_options`
+    ("E" with 4 options is None). Everything else, e.g. "A dog", "I think B", "A, B", is None."""
+    if not isinstance(text, str):
+        raise TypeError(f"parse_choice: text must be a str, got {type(text).__name__}")
+    if not isinstance(n_options, int) or not 1 <= n_options <= len(LETTERS):
+        raise ValueError(f"parse_choice: n_options must be an int in [1, 26], got {n_options!r}")
+    text = text.strip()
+    match = _BARE_LETTER.match(text) or _LETTER_WITH_TEXT.match(text) or _ANSWER_IS.search(text)
+    if match is None:
+        return None
+    letter = next(g for g in match.groups() if g).upper()
+    return letter if LETTERS.index(letter) < n_options else None
+
+
+def _normalise_option(text: str) -> str:
+    return " ".join(text.strip().rstrip(".").strip().casefold().split())
+
+
+def match_option_text(text: str, options: list[str]) -> str | None:
+    """IconQA-style exact match: the letter of the one option whose text equals the answer (case,
+    surrounding whitespace and a final period ignored), or None when none or several options match."""
+    answer = _normalise_option(text)
+    if not answer:
+        return None
+    hits = [LETTERS[i] for i, option in enumerate(options) if _normalise_option(str(option)) == answer]
+    return hits[0] if len(hits) == 1 else None
+
+
+_OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[.)]\s+(.+?)\s*$")
+
+
+_INLINE_OPTION = re.compile(r"\(([A-Z])\)\s*(.*?)(?=\s*\([A-Z]\)|$)", re.DOTALL)
+
+
+def options_from_question(question: str) -> list[str]:
+    """Options written as consecutive lines "A. text" / "(A) text" / "A) text" starting at A, else inline
+    after "Options:" as "(A) text (B) text" (LLaVA's ScienceQA prompt); [] if none."""
+    options = []
+    for line in question.splitlines():
+        match = _OPTION_LINE.match(line)
+        if match and match.group(1) == LETTERS[len(options)]:
+            options.append(match.group(2))
+    if not options and "Options:" in question:
+        inline = question.split("Options:", 1)[1].split("\n", 1)[0]
+        for letter, text in _INLINE_OPTION.findall(inline):
+            if letter != LETTERS[len(options)]:
+                break
+            options.append(text.strip())
+    return options
+
+
+def choice_metrics(predictions: dict[str, str], answers: dict[str, str],
+                   options: dict[str, list[str]] | None = None, match_text: bool = True) -> dict:
+    """Top-1 accuracy (%) of letters parsed from predictions against answer letters, matched by id.
+    options[id] (list of option texts) sets n_options and allows the exact-text fallback; without
+    options any letter A-Z is accepted. Returns accuracy, n_choice, n_correct, n_unparsable,
+    n_option_text_matched and per_id {id: {"letter", "correct"}}."""
+    check_matching_ids("choice metrics", predictions, answers, "answer", "an answer")
+    options = options or {}
+    per_id, n_correct, n_unparsable, n_text = {}, 0, 0, 0
+    for key in sorted(predictions, key=str):
+        answer = str(answers[key]).strip().upper()
+        if len(answer) != 1 or answer not in LETTERS:
+            raise ValueError(f"choice metrics: answer of id {key!r} must be one letter A-Z, got {answers[key]!r}")
+        opts = options.get(key) or []
+        letter = parse_choice(predictions[key], len(opts) if opts else len(LETTERS))
+        if letter is None and match_text and opts:
+            letter = match_option_text(predictions[key], opts)
+            n_text += letter is not None
+        n_unparsable += letter is None
+        correct = letter == answer
+        n_correct += correct
+        per_id[key] = {"letter": letter, "correct": correct}
+    return {"accuracy": 100.0 * n_correct / len(predictions), "n_choice": len(predictions), "n_correct": n_correct,
+            "n_unparsable": n_unparsable, "n_option_text_matched": n_text, "per_id": per_id}
