@@ -105,6 +105,8 @@ class NRCA(Method):
     """
 
     name = "nrca"
+    # train.py sets this on the steps of --diagnose-every: (ce, lam * alignment) -> gradient metrics.
+    diagnose = None
 
     def noisy_pixels(self, batch):
         # Eq. (2a)-(2b); a per-step generator keeps the noise reproducible across resume and ranks.
@@ -128,7 +130,12 @@ class NRCA(Method):
         out = nrca_objective(nll, confidence, noisy_confidence, mask, lam=self.cfg.lam,
                              min_open_tokens=self.cfg.min_open_tokens)
         metrics = {"ce": out.ce.detach(), "alignment": out.alignment.detach(),
-                   "n_open": int(out.n_open), "n_empty": int(out.n_empty)}
+                   "n_open": int(out.n_open), "n_empty": int(out.n_empty),
+                   # Eq. (5b) made visible: mean I and I~ of the open samples, share with I~ > I.
+                   "confidence": out.open_confidence, "noisy_confidence": out.open_noisy_confidence,
+                   "noisy_above_clean": out.noisy_above_clean}
+        if self.diagnose is not None:
+            metrics.update(self.diagnose(out.ce, self.cfg.lam * out.alignment))
         return out.total, metrics
 
     def two_branch_stats(self, forward, batch, noisy):
@@ -142,6 +149,29 @@ class NRCA(Method):
         clean = (to_grid(confidence[:n], logits_mask), to_grid(nll[:n], logits_mask), logits_mask)
         noisy_ = (to_grid(confidence[n:], logits_mask), to_grid(nll[n:], logits_mask), logits_mask)
         return clean, noisy_
+
+
+class NoisyAugmentedPretraining(Method):
+    """The testbed's base-model stage (testbed.py): plain CE, but each image is, with probability 1/2,
+    replaced by a Noisy Visual Mixup view (Eq. 2b) with its own delta drawn from U(0, 0.6). A real MLLM's
+    tower has seen degraded pictures in pre-training; a tiny one trained on clean pictures only reads a
+    delta = 0.5 view no better than pure noise, and NRCA's noisy branch would then carry no picture at all."""
+
+    name = "pretrain"
+    max_delta = 0.6
+
+    def loss(self, forward, batch):
+        pixels = batch["pixel_values"]  # (B, C, H, W)
+        generator = torch.Generator(device=pixels.device)
+        generator.manual_seed(int(batch["noise_seed"]))
+        pure_noise = noisy_mixup(pixels, delta=1.0, stats="image", generator=generator)  # N(mu, sigma^2) per image
+        shape = (pixels.shape[0],) + (1,) * (pixels.dim() - 1)
+        delta = torch.rand(shape, generator=generator, device=pixels.device) * self.max_delta  # (B, 1, 1, 1)
+        delta = delta * (torch.rand(shape, generator=generator, device=pixels.device) < 0.5)
+        augmented = delta * pure_noise + (1 - delta) * pixels  # Eq. (2b) with a per-image delta
+        _, nll, mask = self.token_stats(forward, batch, pixel_values=augmented)
+        ce, _, n_empty = self.sample_mean_ce(nll, mask)
+        return ce, {"ce": ce.detach(), "n_empty": n_empty}
 
 
 def released_token_stats(forward, batch, pixel_values):
@@ -165,6 +195,7 @@ def released_token_stats(forward, batch, pixel_values):
 # Registry: name -> "module:Class". Imported lazily so a counterpart's file is only read when used.
 METHODS = {
     "full": "methods:FullFinetune",
+    "pretrain": "methods:NoisyAugmentedPretraining",
     "nrca": "methods:NRCA",
     "l2": "baselines:L2Reg",
     "grafting": "baselines:Grafting",

@@ -325,18 +325,22 @@ class MLLM:
 # Freezing (paper Sec. 3.1)
 
 
-def freeze_for_finetuning(mllm: MLLM, tune_last_layers: int = 2, tune_connector: bool = True) -> list[dict]:
+def freeze_for_finetuning(mllm: MLLM, tune_last_layers: int = 2, tune_connector: bool = True,
+                          tune_vision_tower: bool = False) -> list[dict]:
     """Freeze everything (vision tower, embeddings, lm_head, earlier decoder layers), then unfreeze the
     connector and the last `tune_last_layers` decoder layers. Returns the optimizer groups
     [{"name": "connector", "params": [...]}, {"name": "llm", "params": [...]}]; a group with no
-    parameters (tune_connector=False or tune_last_layers=0) is left out."""
+    parameters (tune_connector=False or tune_last_layers=0) is left out. `tune_vision_tower` adds a
+    "vision" group: the testbed's base-model pre-training trains the tower; fine-tuning never does."""
     layers = mllm.decoder_layers
     if not 0 <= tune_last_layers <= len(layers):
         raise ValueError(f"tune_last_layers={tune_last_layers}: the model has {len(layers)} decoder layers")
     mllm.model.requires_grad_(False)
     connector = list(mllm.connector.parameters()) if tune_connector else []
     llm = [p for layer in layers[len(layers) - tune_last_layers:] for p in layer.parameters()]
-    groups = [{"name": "connector", "params": connector}, {"name": "llm", "params": llm}]
+    vision = list(mllm.vision_tower.parameters()) if tune_vision_tower else []
+    groups = [{"name": "connector", "params": connector}, {"name": "llm", "params": llm},
+              {"name": "vision", "params": vision}]
     for group in groups:
         for parameter in group["params"]:
             parameter.requires_grad_(True)
@@ -516,7 +520,9 @@ def _train_tiny_bpe() -> str:
     """The trained `tokenizers` BPE as JSON (trained once per process; a few milliseconds)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    corpus = tokenizer_corpus() if tokenizer_corpus is not None else _fallback_corpus()
+    import testbed
+
+    corpus = (tokenizer_corpus() if tokenizer_corpus is not None else _fallback_corpus()) + testbed.tokenizer_texts()
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

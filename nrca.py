@@ -58,6 +58,11 @@ class NRCAOutput:
     alignment: torch.Tensor  # () Eq. (5b) summed over open samples / n_open (0 when none)
     n_open: torch.Tensor  # () int64: open-response samples that received the alignment term
     n_empty: torch.Tensor  # () int64: samples with no answer token, left out of every mean
+    # Diagnostics (detached): mean I and I~ over the open samples, and the share of them with I~ > I,
+    # whose Eq. (5b) gradient pushes I~ *down* (the sign of 1 - I~/I flips there).
+    open_confidence: torch.Tensor | None = None  # ()
+    open_noisy_confidence: torch.Tensor | None = None  # ()
+    noisy_above_clean: torch.Tensor | None = None  # ()
 
 
 def answer_mean(values: torch.Tensor, label_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +130,11 @@ def nrca_objective(
     alignment = torch.where(is_open, alignment_per_sample, 0.0).sum() / n_open.clamp(min=1)  # ()
 
     total = ce + lam * alignment  # Eq. (6)
-    return NRCAOutput(total=total, ce=ce, alignment=alignment, n_open=n_open, n_empty=(~has_answer).sum())
+    open_mean = lambda x: torch.where(is_open, x.detach(), 0.0).sum() / n_open.clamp(min=1)
+    return NRCAOutput(total=total, ce=ce, alignment=alignment, n_open=n_open, n_empty=(~has_answer).sum(),
+                      open_confidence=open_mean(clean_confidence),
+                      open_noisy_confidence=open_mean(noisy_mean_confidence),
+                      noisy_above_clean=open_mean((noisy_mean_confidence > clean_confidence).float()))
 
 
 def nrca_loss(

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 import data
 import models
+import testbed
 from methods import METHODS, get_method, model_forward
 
 
@@ -56,10 +57,12 @@ class TrainConfig:
     image_folder: str = _f("", "folder the records' image paths are relative to (default: the JSON's folder)")
     test: list = _f(None, "TASK:NAME=PATH of a test split for the per-epoch evaluation, repeatable (with --train; "
                           "default: the synthetic test split in --data-dir)")
-    data_dir: str = _f("data/synthetic", "synthetic data set, generated here when absent")
-    base_epochs: int = _f(0, "tiny models only: first train the random model with Full FT on all layers for this "
-                             "many epochs on a separate synthetic set (a stand-in for MLLM pre-training), cached "
-                             "next to --out-dir and shared by every method")
+    data_dir: str = _f("", "the testbed world (testbed.py), written here when absent (default: "
+                           "data/testbed-seed{SEED})")
+    base_epochs: int = _f(0, "tiny models only: first pre-train the random model for this many epochs on the "
+                             "testbed's pre-training corpus (every part trains, the vision tower included, with "
+                             "noise augmentation), check the gates, cache it next to --out-dir per seed, and "
+                             "fine-tune that base")
     samples_per_dataset: int = _f(10_000, "k random records per dataset (paper: 10k)")
     max_length: int = _f(2048, "max tokens per sample; image tokens are never cut")
     skip_bad_records: bool = _f(False, "count and log bad records instead of stopping")
@@ -103,14 +106,22 @@ class TrainConfig:
     eval_every_epoch: bool = _f(True, "evaluate on the test split after every epoch (Fig. 1 curves)")
     eval_max_new_tokens: int = _f(24, "generation length for evaluation")
     eval_limit: int = _f(0, "evaluate on the first N test records per task (0: all)")
+    eval_noisy_final: bool = _f(False, "also evaluate the final model on delta = 0.5 inputs (Fig. 3): eval_noisy.json")
+    compare: str = _f("", "comma-separated methods also trained from the same base, with the same data and "
+                          "schedule, into OUT_DIR/METHOD; their per-epoch scores are printed side by side")
+    diagnose_every: int = _f(0, "NRCA: every N steps, the norms of the CE and alignment gradients and their cosine "
+                                "(one extra backward; single process)")
+    tune_vision_tower: bool = _f(False, "train the vision tower too (the testbed's base pre-training only; the "
+                                        "paper freezes it)")
 
 
+BASE_EPOCHS = 6  # the embedded default's base pre-training (testbed.py), see pretrain_base_model
 PRESETS = {
     # A tiny random-weight model learns the synthetic set from scratch: all layers, larger lr.
     # A tiny random-weight model is first "pre-trained" (base_epochs), then fine-tuned as in the paper.
-    "embedded": dict(model="tiny-llava", base_epochs=8, epochs=3, batch_size=16, micro_batch_size=16,
-                     lr_llm=5e-4, lr_connector=5e-4, tune_last_layers=2, max_length=256, warmup_ratio=0.05,
-                     out_dir="runs/embedded", eval_max_new_tokens=16),
+    "embedded": dict(model="tiny-llava", base_epochs=BASE_EPOCHS, epochs=5, batch_size=16, micro_batch_size=16,
+                     lr_llm=1e-3, lr_connector=1e-3, tune_last_layers=2, max_length=256, warmup_ratio=0.05,
+                     out_dir="runs/embedded", eval_max_new_tokens=24, compare="full", eval_noisy_final=True),
     "llava": dict(lr_llm=2e-4, lr_connector=2e-5, batch_size=16, epochs=3, tune_last_layers=2),
     "vila": dict(lr_llm=1e-4, lr_connector=1e-4, batch_size=16, epochs=3, tune_last_layers=2),
 }
@@ -142,6 +153,8 @@ def make_config(**overrides) -> TrainConfig:
     if unknown:
         raise ValueError(f"unknown config fields {sorted(unknown)}")
     cfg = TrainConfig(**{**PRESETS[preset], **overrides})
+    if not cfg.data_dir:
+        cfg.data_dir = f"data/testbed-seed{cfg.seed}"
     validate_config(cfg)
     return cfg
 
@@ -168,7 +181,12 @@ def validate_config(cfg: TrainConfig) -> None:
         (cfg.precision in ("auto", "bf16", "fp32"), f"--precision {cfg.precision!r}: auto, bf16 or fp32"),
         (cfg.max_length >= 8, f"--max-length {cfg.max_length}: too small"),
         (cfg.save_every >= 0 and cfg.stop_at_step >= 0, "--save-every / --stop-at-step must be >= 0"),
+        (cfg.diagnose_every >= 0, f"--diagnose-every {cfg.diagnose_every}: expected >= 0"),
+        (not (cfg.diagnose_every and int(os.environ.get("WORLD_SIZE", 1)) > 1),
+         "--diagnose-every runs single-process only (the extra backward would bypass DDP/FSDP's gradient sync)"),
     ]
+    for name in compared_methods(cfg):
+        checks.append((name in METHODS, f"--compare {name!r}: expected methods from {sorted(METHODS)}"))
     # Per-epoch evaluation runs unless FSDP2 shards the model over several ranks (see _train).
     evaluates = cfg.eval_every_epoch and not (cfg.fsdp and int(os.environ.get("WORLD_SIZE", 1)) > 1)
     checks.append((not (cfg.train and evaluates and not cfg.test),
@@ -179,6 +197,10 @@ def validate_config(cfg: TrainConfig) -> None:
             raise ValueError(message)
     for spec in (cfg.train or []) + (cfg.test or []):
         parse_train_spec(spec)
+
+
+def compared_methods(cfg: TrainConfig) -> list[str]:
+    return [name.strip() for name in cfg.compare.split(",") if name.strip()]
 
 
 def parse_train_spec(spec: str):
@@ -242,8 +264,8 @@ def build_dataset(cfg: TrainConfig, mllm, rank: int, world: int):
         root = Path(cfg.data_dir)
         if not (root / "train_caption.json").exists():
             if rank == 0:
-                print(f"generating the synthetic data set in {root}")
-                data.make_synthetic(root)
+                print(f"writing the testbed world (seed {cfg.seed}) in {root}")
+                testbed.write_testbed(root, seed=cfg.seed)
             if world > 1:
                 dist.barrier()
         sources = [("caption", "synthetic-caption", str(root / "train_caption.json")),
@@ -379,41 +401,72 @@ def peak_memory_mb(device) -> float:
 
 
 def main(cfg: TrainConfig) -> dict:
+    """Train cfg.method (and every --compare method, each into OUT_DIR/METHOD from the same base).
+    Returns the last per-epoch evaluation of cfg.method ({} without evaluation)."""
     validate_config(cfg)  # also for a TrainConfig built or edited in code: fail before any model loads
     rank, world, device = init_distributed()
     try:
         if cfg.base_epochs:
             cfg = dataclasses.replace(cfg, model=str(pretrain_base_model(cfg, rank, world, device)), base_epochs=0)
-        result = _train(cfg, rank, world, device)
+        runs = [cfg]
+        if compared_methods(cfg):
+            runs = [dataclasses.replace(cfg, method=name, compare="", out_dir=str(Path(cfg.out_dir) / name))
+                    for name in [cfg.method] + compared_methods(cfg)]
+        results = [_train(run, rank, world, device) for run in runs]
+        if rank == 0 and len(runs) > 1:
+            import reporting
+
+            print("\n" + reporting.format_side_by_side([Path(run.out_dir) for run in runs]))
         if dist.is_initialized():
             dist.barrier()  # no rank tears gloo/NCCL down while another still has messages in flight to it
-        return result
+        return results[0]
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def pretrain_base_model(cfg: TrainConfig, rank: int, world: int, device) -> Path:
-    """The embedded default's stand-in for a pre-trained MLLM: a tiny random model trained with Full FT on
-    all layers on its own synthetic set (other images, seed + 1). Fine-tuning then starts, as in the paper,
-    from a model that already answers, so that confidences (Eq. 4) are not ~1/V. Cached and shared."""
+    """The embedded default's stand-in for a pre-trained MLLM (testbed.py): the random tiny model trains
+    every part, its vision tower included, on the testbed's pre-training corpus (own images, plain
+    captions, attribute questions) with noise augmentation (methods.NoisyAugmentedPretraining). Cached
+    per model, seed and epochs, and shared by every method. Before any fine-tuning, the gates are
+    checked on the downstream multiple-choice test split (testbed.gates): a base that does not see, or
+    whose delta = 0.5 view has lost the picture, stops the run here."""
     if cfg.model not in ("tiny-llava", "tiny-vila"):
         raise ValueError(f"--base-epochs is for the tiny models; {cfg.model!r} is already pre-trained")
-    base_dir = Path(cfg.out_dir).parent / f"base-{cfg.model}-seed{cfg.seed}-e{cfg.base_epochs}"
+    root = Path(cfg.data_dir)
+    name = f"base-{cfg.model}-testbed{testbed.WORLD_VERSION}-seed{cfg.seed}-e{cfg.base_epochs}"
+    base_dir = Path(cfg.out_dir).parent / name
+    if rank == 0 and not (root / "pretrain" / "train_caption.json").exists():
+        print(f"writing the testbed world (seed {cfg.seed}) in {root}")
+        testbed.write_testbed(root, seed=cfg.seed)
+    if world > 1:
+        dist.barrier()
     if not (base_dir / "final" / "config.json").exists():
-        data_dir = Path(cfg.data_dir + "-pretrain")
-        if rank == 0 and not (data_dir / "train_caption.json").exists():
-            data.make_synthetic(data_dir, seed=cfg.seed + 1)
-        if world > 1:
-            dist.barrier()
-        base = dataclasses.replace(cfg, method="full", epochs=cfg.base_epochs, base_epochs=0, tune_last_layers=-1,
-                                   lr_llm=5e-4, lr_connector=5e-4, data_dir=str(data_dir), out_dir=str(base_dir),
-                                   eval_every_epoch=False, resume=False, stop_at_step=0, train=None)
+        base = dataclasses.replace(cfg, method="pretrain", epochs=cfg.base_epochs, base_epochs=0, tune_last_layers=-1,
+                                   tune_vision_tower=True, lr_llm=1e-3, lr_connector=1e-3, warmup_ratio=0.05,
+                                   data_dir=str(root / "pretrain"), image_folder=str(root), out_dir=str(base_dir),
+                                   samples_per_dataset=1_000_000, eval_every_epoch=False, eval_noisy_final=False,
+                                   compare="", resume=False, stop_at_step=0, train=None, diagnose_every=0)
         if rank == 0:
-            print(f"pre-training the base {cfg.model} in {base_dir} (Full FT, {cfg.base_epochs} epochs)")
+            print(f"pre-training the base {cfg.model} in {base_dir} ({cfg.base_epochs} epochs, every part trains, "
+                  "noise-augmented)")
         _train(base, rank, world, device)
         if world > 1:
             dist.barrier()
+    report = base_dir / "gates.json"
+    if rank == 0 and not report.is_file():
+        mllm = models.load_model(str(base_dir / "final"), device=device)
+        report.write_text(json.dumps(testbed.gates(testbed.model_answerer(mllm, root), root), indent=2) + "\n")
+    if world > 1:
+        dist.barrier()
+    rows = json.loads(report.read_text())
+    if rank == 0:
+        print(testbed.format_gates(rows))
+    failed = [row["gate"] for row in rows if not row["passed"]]
+    if failed:  # every rank stops
+        raise SystemExit(f"the base model in {base_dir} misses the testbed gate(s) {', '.join(failed)}: fine-tuning "
+                         "it could not show the paper's question (README, 'The testbed'); try more --base-epochs")
     return base_dir / "final"
 
 
@@ -430,7 +483,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     load_dtype = torch.bfloat16 if use_bf16 else torch.float32
     mllm = models.load_model(cfg.model, dtype=load_dtype, device=device)
     layers = cfg.tune_last_layers if cfg.tune_last_layers >= 0 else len(mllm.decoder_layers)
-    groups = models.freeze_for_finetuning(mllm, tune_last_layers=layers, tune_connector=True)
+    groups = models.freeze_for_finetuning(mllm, tune_last_layers=layers, tune_connector=True,
+                                          tune_vision_tower=cfg.tune_vision_tower)
     for group in groups:  # fp32 master weights for what trains; frozen weights stay in bf16 on GPU
         for p in group["params"]:
             p.data = p.data.float()
@@ -444,7 +498,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     method = get_method(cfg.method)(cfg, mllm, named_params)
     forward = model_forward(wrapped)
 
-    lrs = {"connector": cfg.lr_connector, "llm": cfg.lr_llm}
+    lrs = {"connector": cfg.lr_connector, "llm": cfg.lr_llm, "vision": cfg.lr_llm}
     optimizer = torch.optim.AdamW([{"params": g["params"], "lr": lrs[g["name"]]} for g in groups if g["params"]],
                                   weight_decay=cfg.weight_decay)
     steps_per_epoch = len(epoch_batches(len(dataset), 0, cfg, rank, world)) // accumulation
@@ -484,6 +538,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
                 # Noise seed from (seed, step, micro, rank): reproducible across resume, distinct per rank.
                 batch["noise_seed"] = ((cfg.seed * 1_000_003 + step) * 64 + micro) * 1024 + rank
                 ids += batch["ids"]
+                if cfg.diagnose_every:  # the extra backward of --diagnose-every, on its steps only
+                    method.diagnose = (gradient_diagnostics(named_params) if (step + 1) % cfg.diagnose_every == 0
+                                       else None)
                 with autocast:
                     loss, metrics = method.loss(forward, batch)
                 if not torch.isfinite(loss):
@@ -532,6 +589,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
         for _, p in named_params:
             p.data = p.data.to(load_dtype)
     save_final_model(mllm, fsdp_units, out_dir / "final", rank, source=cfg.model, dtype=load_dtype)
+    if cfg.eval_noisy_final and evaluate_each_epoch:
+        evaluate_epoch(cfg, mllm, cfg.epochs, rank, world, out_dir, noisy=True)
     if rank == 0 and epoch_results:
         print_results(cfg, epoch_results)
     return summary
@@ -558,8 +617,11 @@ def save_final_model(mllm, fsdp_units, folder: Path, rank: int, source: str = ""
         copy.save(folder)
 
 
-def evaluate_epoch(cfg: TrainConfig, mllm, epoch: int, rank: int, world: int, out_dir: Path) -> dict:
-    """Per-epoch evaluation on the test split (paper Fig. 1), appended to metrics.jsonl."""
+def evaluate_epoch(cfg: TrainConfig, mllm, epoch: int, rank: int, world: int, out_dir: Path,
+                   noisy: bool = False) -> dict:
+    """Per-epoch evaluation on the test split (paper Fig. 1), appended to metrics.jsonl. With noisy=True
+    (--eval-noisy-final): the final model on delta = 0.5 inputs (Fig. 3), written to OUT_DIR/eval_noisy.json
+    (what `evaluate.py table --noisy` reads), not to metrics.jsonl."""
     import evaluate
 
     mllm.model.eval()
@@ -568,15 +630,34 @@ def evaluate_epoch(cfg: TrainConfig, mllm, epoch: int, rank: int, world: int, ou
         result = evaluate.evaluate_model(mllm, None if real_data else cfg.data_dir,
                                          tests=cfg.test if real_data else None,
                                          image_folder=(cfg.image_folder or None) if real_data else None,
-                                         out_dir=out_dir / f"eval_epoch{epoch}",
+                                         out_dir=out_dir if noisy else out_dir / f"eval_epoch{epoch}",
                                          max_new_tokens=cfg.eval_max_new_tokens, limit=cfg.eval_limit,
-                                         rank=rank, world_size=world)
+                                         rank=rank, world_size=world, noisy=noisy, batch_size=32)
     finally:
         mllm.model.train()
-    if rank == 0:
+    if rank == 0 and not noisy:
         with (out_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps({"epoch": epoch, "eval": result}) + "\n")
     return result
+
+
+def gradient_diagnostics(named_params):
+    """--diagnose-every: a callable (ce, weighted alignment) -> {"grad_norm_ce", "grad_norm_alignment",
+    "grad_cosine"} over the trainable tensors. Eq. (5b)'s gradient has size ~ lam * CE / I whatever the gap
+    I~ - I, so at low confidence it can set the update's direction while worth little of the loss; this
+    shows it. Costs one extra backward (the two terms' gradients are taken separately)."""
+    params = [p for _, p in named_params]
+
+    def diagnose(ce, alignment):
+        g_ce = torch.autograd.grad(ce, params, retain_graph=True, allow_unused=True)
+        g_al = torch.autograd.grad(alignment, params, retain_graph=True, allow_unused=True)
+        flat = lambda grads: torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()
+                                        for g, p in zip(grads, params, strict=True)])
+        a, b = flat(g_ce), flat(g_al)
+        cosine = float(a @ b / (a.norm() * b.norm())) if a.norm() > 0 and b.norm() > 0 else 0.0
+        return {"grad_norm_ce": float(a.norm()), "grad_norm_alignment": float(b.norm()), "grad_cosine": cosine}
+
+    return diagnose
 
 
 def print_results(cfg: TrainConfig, epoch_results: list):

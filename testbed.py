@@ -1,0 +1,341 @@
+"""The testbed: a synthetic visual world in which the paper's question can be asked of a tiny MLLM.
+
+The paper (Sec. 1, Fig. 1; Appendix C, Fig. 6) observes that multi-task fine-tuning of a pre-trained MLLM
+on captions + multiple choice makes the open-response task overfit: captioning scores peak early and then
+fall while fixed-choice accuracy stays stable, because human captions carry per-sample phrasing the model
+memorises instead of looking at the image. Showing that needs two preconditions, and this file builds the
+data for both:
+
+1. A base model that really sees. `write_pretraining` writes a broad pre-training corpus (plain captions
+   and attribute questions on their own images), on which train.py pre-trains every part of the tiny
+   model, the vision tower included, with Noisy-Visual-Mixup-style augmentation (so that, as for a real
+   MLLM, a delta = 0.5 view still carries the picture). `gates` then checks, before any fine-tuning, that
+   the base answers the downstream questions far above chance on clean and on delta = 0.5 images.
+2. A fine-tuning mix that can overfit. `write_downstream` writes the paper's mix: one captioning data set
+   and one multiple-choice data set, k records each, on other images. The training captions are written
+   like human ones: one caption per image, in one of several phrasings, often with a detail the picture
+   does not show ("on a rainy day") and sometimes with a slip in one attribute. A model that memorises
+   them has learned nothing about test images; the test references (5 per image) only say what is drawn.
+
+The world. A 64 x 64 canvas of a light, slightly tinted background holds 1-3 shapes of one colour, one
+shape and one size, stacked in one half of the canvas:
+    colour   red | green | blue | yellow | purple        shape     circle | square | triangle
+    count    one | two | three                            position  left | right | top | bottom
+    size     small | large (radius 7 vs 11 % of the side: at the tiny model's 48-pixel input a large shape
+             is about 11 pixels across, some 2 x 2 of its 8-pixel patches; shapes never touch)
+Captions talk about all five attributes; questions ask one attribute with 3 shuffled options (the right
+value and two others), so chance is 1/3 (`CHANCE`). Every reference caption and every answer follows from
+the scene (`scene_captions`, `scene_answer`); nothing in the test references is ungrounded.
+
+Files (LLaVA / DataOptim JSON, the format the real path reads; data.py reads them):
+    ROOT/pretrain/train_caption.json, train_choice.json      pre-training corpus (own images)
+    ROOT/train_caption.json, train_choice.json               downstream fine-tuning mix, k records each
+    ROOT/test_caption.json  (+ "references": 5 captions)     >= 300 records, other images
+    ROOT/test_choice.json   (+ "answer", "options")          >= 300 records, other images
+    ROOT/images/{pretrain,train,test}_{i:05d}.png
+Everything is deterministic for a given seed (same bytes); the three splits share no image.
+
+    python testbed.py data/testbed-seed0 --seed 0        # write the world (train.py does this itself)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from data import CAPTION_PROMPTS, CHOICE_SUFFIX, IMAGE_PLACEHOLDER, OPTION_LETTERS
+
+COLOURS = {"red": (215, 35, 35), "green": (30, 160, 50), "blue": (35, 70, 215), "yellow": (235, 200, 20),
+           "purple": (140, 40, 170)}
+SHAPES = ("circle", "square", "triangle")
+COUNTS = ("one", "two", "three")
+POSITIONS = ("left", "right", "top", "bottom")
+SIZES = ("small", "large")
+ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "count": COUNTS, "position": POSITIONS, "size": SIZES}
+WORLD_VERSION = 1  # part of the cached base model's folder name: bump it when the world changes
+IMAGE_SIDE = 64
+N_OPTIONS = 3
+CHANCE = 1 / N_OPTIONS  # every question has 3 options, one right
+
+# Pre-training captions: a plain, alt-text-like register.
+PRETRAIN_CAPTIONS = (
+    "{count} {size} {colour} {shapes} on the {position}",
+    "{count} {colour} {shapes} , {size} , on the {position} side",
+    "image of {count} {size} {colour} {shapes} at the {position}",
+)
+# The downstream captioning data set's register (a Flickr30k stand-in): the 5 test references of an image
+# are these five phrasings of its scene; training captions use one of them per image, as people do.
+DOWNSTREAM_CAPTIONS = (
+    "there are {count} {size} {colour} {shapes} on the {position} of the picture",
+    "a picture with {count} {size} {colour} {shapes} on its {position} side",
+    "{count} {size} {colour} {shapes} can be seen on the {position}",
+    "on the {position} of this image there are {count} {size} {colour} {shapes}",
+    "the drawing shows {count} {colour} {shapes} , {size} ones , on the {position}",
+)
+# Ungrounded details people add to captions: nothing in the picture shows them.
+UNGROUNDED_DETAILS = (
+    "on a rainy day", "next to a cup of coffee", "drawn by a child", "in an old notebook",
+    "under a bright lamp", "at the school fair", "for a math lesson", "on a sunny morning",
+    "near the kitchen window", "before dinner", "with a soft pencil", "on a crowded desk",
+)
+QUESTIONS = {  # one attribute each; the pre-training corpus uses all phrasings, downstream the first
+    "colour": ("What colour are the shapes?", "Which colour do the shapes have?"),
+    "shape": ("Which shape is drawn?", "What kind of shape is shown?"),
+    "count": ("How many shapes are there?", "What is the number of shapes?"),
+    "position": ("Where are the shapes?", "On which side are the shapes?"),
+    "size": ("What size are the shapes?", "How big are the shapes?"),
+}
+DOWNSTREAM_QUESTION_KINDS = ("colour", "shape", "count", "position")  # size has only two values
+
+# How human the downstream training captions are (fixed before any method was compared, see README).
+P_UNGROUNDED = 0.5  # share of training captions with an ungrounded detail
+P_SLIP = 0.15  # share of training captions with one attribute (count or size) written wrong
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenes
+# ---------------------------------------------------------------------------------------------
+def random_scene(rng: random.Random) -> dict:
+    return {kind: rng.choice(values) for kind, values in ATTRIBUTES.items()}
+
+
+def draw_scene(scene: dict, rng: random.Random, side: int = IMAGE_SIDE) -> Image.Image:
+    """The picture of a scene: 1-3 shapes of one colour/shape/size in one half of a tinted canvas."""
+    tint = [rng.randint(-12, 12) for _ in range(3)]
+    image = Image.new("RGB", (side, side), tuple(232 + t for t in tint))
+    draw = ImageDraw.Draw(image)
+    n = COUNTS.index(scene["count"]) + 1
+    r = side * (0.11 if scene["size"] == "large" else 0.07)
+    for i in range(n):
+        # Spread along the half's long side (never touching, so the count is visible), jittered across it.
+        along = side * (i + 1) / (n + 1) + rng.uniform(-0.01, 0.01) * side
+        across = side * (0.25 if scene["position"] in ("left", "top") else 0.75) + rng.uniform(-0.03, 0.03) * side
+        cx, cy = (across, along) if scene["position"] in ("left", "right") else (along, across)
+        box = [cx - r, cy - r, cx + r, cy + r]
+        fill = COLOURS[scene["colour"]]
+        if scene["shape"] == "circle":
+            draw.ellipse(box, fill=fill)
+        elif scene["shape"] == "square":
+            draw.rectangle([cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r], fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=fill)
+    return image
+
+
+def _fill(template: str, scene: dict) -> str:
+    shapes = scene["shape"] if scene["count"] == "one" else scene["shape"] + "s"
+    return template.format(count=scene["count"], size=scene["size"], colour=scene["colour"], shapes=shapes,
+                           position=scene["position"])
+
+
+def scene_captions(scene: dict) -> list[str]:
+    """The five reference captions of a scene (the downstream register): every word is grounded."""
+    return [_fill(t, scene) for t in DOWNSTREAM_CAPTIONS]
+
+
+def human_caption(scene: dict, rng: random.Random) -> str:
+    """One training caption as a person writes it: a phrasing of their own, often an ungrounded detail,
+    sometimes a slip in the count or size. Returns the caption text."""
+    written = dict(scene)
+    if rng.random() < P_SLIP:
+        kind = rng.choice(("count", "size"))
+        written[kind] = rng.choice([v for v in ATTRIBUTES[kind] if v != scene[kind]])
+    caption = _fill(rng.choice(DOWNSTREAM_CAPTIONS), written)
+    if rng.random() < P_UNGROUNDED:
+        caption += " " + rng.choice(UNGROUNDED_DETAILS)
+    return caption
+
+
+def scene_question(scene: dict, kind: str, phrasing: str, rng: random.Random) -> tuple[str, list[str], str]:
+    """A question about one attribute: (question text with lettered options, options, answer letter).
+    Options: the scene's value and N_OPTIONS - 1 other values of that attribute, shuffled."""
+    others = [v for v in ATTRIBUTES[kind] if v != scene[kind]]
+    options = [scene[kind]] + rng.sample(others, min(N_OPTIONS - 1, len(others)))
+    rng.shuffle(options)
+    lines = "\n".join(f"{OPTION_LETTERS[i]}. {option}" for i, option in enumerate(options))
+    return f"{phrasing}\n{lines}\n{CHOICE_SUFFIX}", options, OPTION_LETTERS[options.index(scene[kind])]
+
+
+def scene_answer(scene: dict, kind: str) -> str:
+    return scene[kind]
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the splits
+# ---------------------------------------------------------------------------------------------
+def _caption_record(record_id: str, image: str, prompt: str, caption: str) -> dict:
+    return {"id": record_id, "image": image,
+            "conversations": [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{prompt}"},
+                              {"from": "gpt", "value": caption}]}
+
+
+def _choice_record(record_id: str, image: str, question: str, letter: str) -> dict:
+    return {"id": record_id, "image": image,
+            "conversations": [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}"},
+                              {"from": "gpt", "value": letter}]}
+
+
+def _write(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+
+
+def _images(root: Path, split: str, n: int, rng: random.Random):
+    """n new scenes and their image paths (relative to root), drawn and saved."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        scene = random_scene(rng)
+        path = f"images/{split}_{i:05d}.png"
+        draw_scene(scene, rng).save(root / path)
+        out.append((scene, path))
+    return out
+
+
+def write_pretraining(root, n_images: int = 3000, seed: int = 0) -> dict:
+    """The broad pre-training corpus in ROOT/pretrain/: per image one plain caption and one question
+    (any attribute, any phrasing, 3 options). Image paths (images/pretrain_*.png) are relative to ROOT,
+    not to ROOT/pretrain: train with --image-folder ROOT. Returns file counts."""
+    root = Path(root)
+    rng = random.Random(f"testbed-pretrain-{seed}")
+    captions, choices = [], []
+    for i, (scene, path) in enumerate(_images(root, "pretrain", n_images, rng)):
+        captions.append(_caption_record(f"pretrain-{i:05d}-caption", path, rng.choice(CAPTION_PROMPTS),
+                                        _fill(rng.choice(PRETRAIN_CAPTIONS), scene)))
+        kind = rng.choice(tuple(QUESTIONS))
+        question, _, letter = scene_question(scene, kind, rng.choice(QUESTIONS[kind]), rng)
+        choices.append(_choice_record(f"pretrain-{i:05d}-choice", path, question, letter))
+    _write(root / "pretrain" / "train_caption.json", captions)
+    _write(root / "pretrain" / "train_choice.json", choices)
+    return {"pretrain/train_caption.json": len(captions), "pretrain/train_choice.json": len(choices)}
+
+
+def write_downstream(root, k: int = 500, n_test: int = 300, seed: int = 0) -> dict:
+    """The downstream mix (k caption + k choice records, each on its own image, human-written captions)
+    and the test splits (n_test images per task, 5 grounded references per caption image)."""
+    if k < 1 or n_test < 1:
+        raise ValueError(f"testbed.write_downstream: need k >= 1 and n_test >= 1, got k={k}, n_test={n_test}")
+    root = Path(root)
+    rng = random.Random(f"testbed-downstream-{seed}")
+    scenes = _images(root, "train", 2 * k, rng)
+    captions = [_caption_record(f"train-{i:05d}-caption", path, rng.choice(CAPTION_PROMPTS),
+                                human_caption(scene, rng)) for i, (scene, path) in enumerate(scenes[:k])]
+    choices = []
+    for i, (scene, path) in enumerate(scenes[k:]):
+        kind = rng.choice(DOWNSTREAM_QUESTION_KINDS)
+        question, _, letter = scene_question(scene, kind, QUESTIONS[kind][0], rng)
+        choices.append(_choice_record(f"train-{i:05d}-choice", path, question, letter))
+    tests = _images(root, "test", 2 * n_test, rng)
+    test_captions, test_choices = [], []
+    for i, (scene, path) in enumerate(tests[:n_test]):
+        record = _caption_record(f"test-{i:05d}-caption", path, rng.choice(CAPTION_PROMPTS), scene_captions(scene)[0])
+        record["references"] = scene_captions(scene)
+        test_captions.append(record)
+    for i, (scene, path) in enumerate(tests[n_test:]):
+        kind = rng.choice(DOWNSTREAM_QUESTION_KINDS)
+        question, options, letter = scene_question(scene, kind, QUESTIONS[kind][0], rng)
+        record = _choice_record(f"test-{i:05d}-choice", path, question, letter)
+        record.update(answer=letter, options=options)
+        test_choices.append(record)
+    files = {"train_caption.json": captions, "train_choice.json": choices, "test_caption.json": test_captions,
+             "test_choice.json": test_choices}
+    for name, records in files.items():
+        _write(root / name, records)
+    return {name: len(records) for name, records in files.items()}
+
+
+def write_testbed(root, seed: int = 0, k: int = 500, n_test: int = 300, n_pretrain: int = 3000) -> dict:
+    """Write the whole world for one seed (skipped when ROOT/.complete says it is already there)."""
+    root = Path(root)
+    stamp = root / ".complete"
+    wanted = {"seed": seed, "k": k, "n_test": n_test, "n_pretrain": n_pretrain}
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        return {}
+    files = {**write_pretraining(root, n_pretrain, seed), **write_downstream(root, k, n_test, seed)}
+    stamp.write_text(json.dumps(wanted))
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# Gates: the preconditions of the paper's question, checked on the base model before fine-tuning
+# ---------------------------------------------------------------------------------------------
+GATE_ABOVE_CHANCE = 30.0  # base accuracy on the downstream choice test split >= chance + 30 points
+GATE_NOISY_GAP = 10.0  # base accuracy on delta = 0.5 inputs within 10 points of clean
+GATE_DELTA = 0.5
+
+
+def gates(answer, root) -> list[dict]:
+    """The two gates on ROOT/test_choice.json. `answer(records, noisy: bool) -> {id: model output}` is the
+    model (clean images, or Noisy Visual Mixup at delta = 0.5 when noisy). Returns one row per gate:
+    {"gate", "value", "threshold", "passed", ...}; accuracies in %, chance from the records' options."""
+    from metrics import choice_metrics
+
+    records = json.loads((Path(root) / "test_choice.json").read_text(encoding="utf-8"))
+    answers = {r["id"]: r["answer"] for r in records}
+    options = {r["id"]: r["options"] for r in records}
+    chance = 100.0 * sum(1 / len(r["options"]) for r in records) / len(records)
+    clean = choice_metrics(answer(records, False), answers, options)["accuracy"]
+    noisy = choice_metrics(answer(records, True), answers, options)["accuracy"]
+    return [
+        {"gate": "sees", "value": clean, "threshold": chance + GATE_ABOVE_CHANCE,
+         "passed": clean >= chance + GATE_ABOVE_CHANCE,
+         "what": f"base accuracy on clean images >= chance ({chance:.1f}) + {GATE_ABOVE_CHANCE:g}"},
+        {"gate": "noisy view keeps the picture", "value": noisy, "threshold": clean - GATE_NOISY_GAP,
+         "passed": noisy >= clean - GATE_NOISY_GAP,
+         "what": f"base accuracy at delta = {GATE_DELTA} within {GATE_NOISY_GAP:g} points of clean ({clean:.1f})"},
+    ]
+
+
+def model_answerer(mllm, root, batch_size: int = 32):
+    """`answer` for `gates`: greedy answers of an MLLM (evaluate.generate_answers; noise seed 0)."""
+    import evaluate
+
+    def answer(records, noisy):
+        records = evaluate.validate_test_records(records, "choice", "testbed gates")  # adds "question"
+        items = evaluate.generate_answers(mllm, records, Path(root), batch_size=batch_size, max_new_tokens=4,
+                                          noisy=noisy, delta=GATE_DELTA)
+        return {item["id"]: item["prediction"] for item in items}
+
+    return answer
+
+
+def format_gates(rows: list[dict]) -> str:
+    lines = ["testbed gates on the base model (downstream multiple-choice test split):"]
+    for row in rows:
+        lines.append(f"  {'PASS' if row['passed'] else 'FAIL'}  {row['gate']}: {row['value']:.1f} % "
+                     f"(needs >= {row['threshold']:.1f}: {row['what']})")
+    return "\n".join(lines)
+
+
+def tokenizer_texts() -> list[str]:
+    """The testbed's words, for the tiny tokenizer's corpus (models.build_tiny_tokenizer)."""
+    texts = list(UNGROUNDED_DETAILS) + [q for pair in QUESTIONS.values() for q in pair]
+    for template in PRETRAIN_CAPTIONS + DOWNSTREAM_CAPTIONS:
+        for colour in COLOURS:
+            for shape in SHAPES:
+                for count in COUNTS:
+                    for position in POSITIONS:
+                        texts.append(_fill(template, {"colour": colour, "shape": shape, "count": count,
+                                                      "position": position, "size": SIZES[len(texts) % 2]}))
+    return texts
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="write the testbed world (pre-training corpus, downstream mix, "
+                                                 "test splits) for one seed")
+    parser.add_argument("root")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--k", type=int, default=500, help="records per downstream data set")
+    parser.add_argument("--n-test", type=int, default=300, help="test records per task")
+    parser.add_argument("--n-pretrain", type=int, default=3000, help="pre-training images")
+    args = parser.parse_args(argv)
+    files = write_testbed(args.root, args.seed, args.k, args.n_test, args.n_pretrain)
+    print(f"wrote {args.root}: " + (", ".join(f"{name} ({n})" for name, n in files.items()) or "already complete"))
+
+
+if __name__ == "__main__":
+    main()
