@@ -396,7 +396,9 @@ def _prediction_line(task: str, record: dict, item: dict) -> dict:
 def resolve_checkpoint(path: str) -> tuple[str, dict]:
     """A run folder (config.json + final/) -> (RUN/final, config); a model folder or a built-in name
     ("tiny-llava", "tiny-vila") -> (path, {}). Missing things raise naming what is missing."""
-    if path in ("tiny-llava", "tiny-vila"):
+    import models
+
+    if path in models.BUILT_IN:
         return path, {}
     folder = Path(path)
     if not folder.exists():

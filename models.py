@@ -7,7 +7,8 @@ recipe of Sec. 3.1 (vision encoder frozen; connector + last N decoder layers tra
   transformers has no class for it, so `VilaForConditionalGeneration` assembles a `LlamaForCausalLM`,
   a `SiglipVisionModel` and our `DownSampleProjector` (VILA's "mlp_downsample"), and `save` writes the
   same three folders back so VILA's own tools can read the result.
-- "tiny-llava" and "tiny-vila": random-weight models of the same two architectures (seeded, so two
+- "tiny-llava", "tiny-vila" (and "small-llava", tiny-llava with a 128-wide Llama: the testbed's model):
+  random-weight models of the same two architectures (seeded, so two
   loads are identical) with a byte-level BPE tokenizer trained here in milliseconds; they train on a
   laptop CPU in minutes and are the embedded default of the repository.
 
@@ -65,6 +66,10 @@ TINY_SEED = 0
 TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=4, max_position_embeddings=512)
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+# "small-llava": tiny-llava with a 128-wide Llama, the testbed's model (testbed.py). A 64-wide one names what it
+# sees but does not learn, in minutes, to pick the letter of the option that matches (multiple choice).
+SMALL_TEXT = dict(TINY_TEXT, hidden_size=128, intermediate_size=256)
+BUILT_IN = ("tiny-llava", "tiny-vila", "small-llava")
 TINY_LM_HEAD_NORM = 2.0  # expected row norm of the tiny models' (frozen) lm_head, see _build_tiny
 TINY_LLAVA_IMAGE, TINY_LLAVA_PATCH = 48, 8  # 6 x 6 grid -> 36 image tokens
 TINY_VILA_IMAGE, TINY_VILA_PATCH = 56, 8  # 7 x 7 grid (odd: zero-padded to 8 x 8) -> 16 image tokens
@@ -354,8 +359,9 @@ def freeze_for_finetuning(mllm: MLLM, tune_last_layers: int = 2, tune_connector:
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                attn_implementation: str | None = None) -> MLLM:
     """"tiny-llava" | "tiny-vila" | a transformers LLaVA folder | a VILA1.5 folder -> MLLM (eval mode)."""
-    if name_or_path in ("tiny-llava", "tiny-vila"):
-        mllm = _build_tiny(name_or_path.removeprefix("tiny-"), attn_implementation)
+    if name_or_path in BUILT_IN:
+        kind = "vila" if name_or_path == "tiny-vila" else "llava"
+        mllm = _build_tiny(kind, attn_implementation, SMALL_TEXT if name_or_path == "small-llava" else TINY_TEXT)
     else:
         mllm = _load_folder(name_or_path, dtype, attn_implementation)
     mllm.model.to(device=device, dtype=dtype).eval()
@@ -544,7 +550,7 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
                                    extra_special_tokens=[IMAGE_PLACEHOLDER])
 
 
-def _build_tiny(kind: str, attn_implementation) -> MLLM:
+def _build_tiny(kind: str, attn_implementation, text_size: dict = TINY_TEXT) -> MLLM:
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
@@ -552,7 +558,7 @@ def _build_tiny(kind: str, attn_implementation) -> MLLM:
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     text_config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                              tie_word_embeddings=False, **TINY_TEXT)
+                              tie_word_embeddings=False, **text_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         if kind == "llava":

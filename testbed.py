@@ -56,7 +56,7 @@ COUNTS = ("one", "two", "three")
 POSITIONS = ("left", "right", "top", "bottom")
 SIZES = ("small", "large")
 ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "count": COUNTS, "position": POSITIONS, "size": SIZES}
-WORLD_VERSION = 1  # part of the cached base model's folder name: bump it when the world changes
+WORLD_VERSION = 2  # part of the cached base model's folder name: bump it when the world changes
 IMAGE_SIDE = 64
 N_OPTIONS = 3
 CHANCE = 1 / N_OPTIONS  # every question has 3 options, one right
@@ -94,6 +94,9 @@ DOWNSTREAM_QUESTION_KINDS = ("colour", "shape", "count", "position")  # size has
 # How human the downstream training captions are (fixed before any method was compared, see README).
 P_UNGROUNDED = 0.5  # share of training captions with an ungrounded detail
 P_SLIP = 0.15  # share of training captions with one attribute (count or size) written wrong
+# Reading the letter of the option that matches the picture takes a tiny LM far more examples than
+# naming what it sees: the pre-training corpus asks several questions per image.
+QUESTIONS_PER_PRETRAIN_IMAGE = 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,18 +200,19 @@ def _images(root: Path, split: str, n: int, rng: random.Random):
 
 
 def write_pretraining(root, n_images: int = 3000, seed: int = 0) -> dict:
-    """The broad pre-training corpus in ROOT/pretrain/: per image one plain caption and one question
-    (any attribute, any phrasing, 3 options). Image paths (images/pretrain_*.png) are relative to ROOT,
-    not to ROOT/pretrain: train with --image-folder ROOT. Returns file counts."""
+    """The broad pre-training corpus in ROOT/pretrain/: per image one plain caption and
+    QUESTIONS_PER_PRETRAIN_IMAGE questions on different attributes (any phrasing, 3 options). Image paths
+    (images/pretrain_*.png) are relative to ROOT, not to ROOT/pretrain: train with --image-folder ROOT.
+    Returns file counts."""
     root = Path(root)
     rng = random.Random(f"testbed-pretrain-{seed}")
     captions, choices = [], []
     for i, (scene, path) in enumerate(_images(root, "pretrain", n_images, rng)):
         captions.append(_caption_record(f"pretrain-{i:05d}-caption", path, rng.choice(CAPTION_PROMPTS),
                                         _fill(rng.choice(PRETRAIN_CAPTIONS), scene)))
-        kind = rng.choice(tuple(QUESTIONS))
-        question, _, letter = scene_question(scene, kind, rng.choice(QUESTIONS[kind]), rng)
-        choices.append(_choice_record(f"pretrain-{i:05d}-choice", path, question, letter))
+        for q, kind in enumerate(rng.sample(tuple(QUESTIONS), QUESTIONS_PER_PRETRAIN_IMAGE)):
+            question, _, letter = scene_question(scene, kind, rng.choice(QUESTIONS[kind]), rng)
+            choices.append(_choice_record(f"pretrain-{i:05d}-choice{q}", path, question, letter))
     _write(root / "pretrain" / "train_caption.json", captions)
     _write(root / "pretrain" / "train_choice.json", choices)
     return {"pretrain/train_caption.json": len(captions), "pretrain/train_choice.json": len(choices)}
@@ -309,6 +313,72 @@ def format_gates(rows: list[dict]) -> str:
         lines.append(f"  {'PASS' if row['passed'] else 'FAIL'}  {row['gate']}: {row['value']:.1f} % "
                      f"(needs >= {row['threshold']:.1f}: {row['what']})")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1 of the base model: the vision tower learns to see (a stand-in for CLIP / SigLIP pre-training)
+# ---------------------------------------------------------------------------------------------
+def pretrain_vision_tower(mllm, root, epochs: int = 4, seed: int = 0, lr: float = 3e-3, batch_size: int = 64,
+                          max_delta: float = 0.6) -> dict:
+    """Train `mllm`'s vision tower alone to name the attributes of the pre-training images (ROOT/pretrain),
+    through linear heads on the features the connector reads (every patch token of LLaVA's
+    `vision_feature_layer`), with Noisy Visual Mixup on half of the images (delta ~ U(0, max_delta)): a
+    real MLLM starts from a tower pre-trained on pictures (CLIP, SigLIP), and a tiny language model cannot
+    learn to see through a random one in minutes. The heads are thrown away. Returns the heads' accuracy
+    (%) per attribute on the last epoch, clean and noisy images mixed."""
+    import torch
+
+    from noise import noisy_mixup
+
+    root = Path(root)
+    records = json.loads((root / "pretrain" / "train_caption.json").read_text(encoding="utf-8"))
+    scenes = [_scene_from_caption(r["conversations"][1]["value"]) for r in records]
+    pixels = mllm.preprocess([Image.open(root / r["image"]) for r in records])  # (N, 3, S, S)
+    targets = torch.tensor([[ATTRIBUTES[k].index(s[k]) for k in ATTRIBUTES] for s in scenes])  # (N, 5)
+    tower = mllm.vision_tower
+    layer = mllm.model.config.vision_feature_layer
+
+    def features(x):  # (B, P * C): every patch token, CLS dropped, as LLaVA's "default" strategy
+        return tower(pixel_values=x, output_hidden_states=True).hidden_states[layer][:, 1:].flatten(1)
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        width = features(pixels[:1]).shape[1]
+    heads = torch.nn.ModuleList(torch.nn.Linear(width, len(values)) for values in ATTRIBUTES.values())
+    tower.requires_grad_(True)
+    tower.train()
+    params = list(tower.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    for _ in range(epochs):
+        correct, seen = torch.zeros(len(ATTRIBUTES)), 0
+        for batch in torch.randperm(len(records), generator=generator).split(batch_size):
+            x = pixels[batch]
+            delta = torch.rand(len(batch), 1, 1, 1, generator=generator) * max_delta
+            delta = delta * (torch.rand(len(batch), 1, 1, 1, generator=generator) < 0.5)
+            x = delta * noisy_mixup(x, delta=1.0, generator=generator) + (1 - delta) * x  # Eq. (2b), per image
+            h = features(x)
+            logits = [head(h) for head in heads]
+            loss = sum(torch.nn.functional.cross_entropy(z, targets[batch, k]) for k, z in enumerate(logits))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            correct += torch.stack([(z.argmax(-1) == targets[batch, k]).sum() for k, z in enumerate(logits)])
+            seen += len(batch)
+    tower.eval()
+    return {kind: round(100 * float(c) / seen, 1) for kind, c in zip(ATTRIBUTES, correct, strict=True)}
+
+
+def _scene_from_caption(caption: str) -> dict:
+    """A pre-training caption names every attribute once (PRETRAIN_CAPTIONS): read the scene back."""
+    words = caption.replace(",", " ").split()
+    scene = {}
+    for kind, values in ATTRIBUTES.items():
+        forms = {v: v for v in values} | ({v + "s": v for v in values} if kind == "shape" else {})
+        hits = [forms[w] for w in words if w in forms]
+        if len(hits) != 1:
+            raise ValueError(f"testbed: pre-training caption {caption!r} names {kind} {len(hits)} times")
+        scene[kind] = hits[0]
+    return scene
 
 
 def tokenizer_texts() -> list[str]:

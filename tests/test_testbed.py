@@ -40,7 +40,7 @@ def test_sizes_and_format(world):
               ("train_caption.json", "train_choice.json", "test_caption.json", "test_choice.json",
                "pretrain/train_caption.json", "pretrain/train_choice.json")}
     assert counts == {"train_caption.json": 12, "train_choice.json": 12, "test_caption.json": 10,
-                      "test_choice.json": 10, "pretrain/train_caption.json": 15, "pretrain/train_choice.json": 15}
+                      "test_choice.json": 10, "pretrain/train_caption.json": 15, "pretrain/train_choice.json": 45}
     record = json.loads((world / "test_caption.json").read_text())[0]
     assert record["conversations"][0]["value"].startswith("<image>\n") and len(record["references"]) == 5
     assert len(set(record["references"])) == 5  # five different phrasings
