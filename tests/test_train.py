@@ -301,7 +301,8 @@ def test_argparse_round_trip(synthetic_data_dir):
     assert (cfg.preset, cfg.lr_llm, cfg.lr_connector, cfg.batch_size) == ("vila", 1e-4, 1e-4, 16)  # the preset
     assert cfg.lam == 2.0 and cfg.tune_last_layers == 2  # field defaults
     default = train.parse_config([])
-    assert default == train.make_config() and default.preset == "embedded" and default.method == "nrca"
+    assert default == train.make_config(compare="full") and default.preset == "embedded" and default.method == "nrca"
+    assert train.make_config().compare == ""  # only the bare `python train.py` trains Full FT beside NRCA
     assert default.base_epochs > 0 and default.eval_every_epoch is True
     with pytest.raises(SystemExit):
         train.parse_config(["--delta", "half"])
