@@ -426,7 +426,15 @@ def _require(path: str) -> str:
 
 
 def _load_tokenizer(folder: str):
+    """`tokenizer.json` -> AutoTokenizer (llava-hf folders); only `tokenizer.model` (VILA's `llm/`, saved by its
+    trainer as a slow tokenizer) -> SentencePieceTokenizer, SentencePiece token for token as LLaVA/VILA's
+    `use_fast=False` loading (AutoTokenizer would convert it to a BPE that disagrees on runs of spaces)."""
     try:
+        if os.path.isfile(os.path.join(folder, "tokenizer.model")) and \
+                not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            from sentencepiece_tokenizer import SentencePieceTokenizer
+
+            return SentencePieceTokenizer.from_pretrained(folder)
         return AutoTokenizer.from_pretrained(folder)
     except (ImportError, ValueError, OSError) as error:
         hint = ""

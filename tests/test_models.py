@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from conftest import write_sentencepiece_folder
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
@@ -468,6 +469,31 @@ def test_vila_downsample_order_from_projector_config_or_flag(tmp_path):
     assert models.load_model(str(tmp_path / "saved"), downsample_order="vila1.5").model.mm_projector.order == "vila1.5"
     with pytest.raises(ValueError, match="downsample_order must be"):
         models.load_model(str(source), downsample_order="columns")
+
+
+def test_vila_folder_with_only_tokenizer_model(tmp_path):
+    """A VILA llm/ folder with only tokenizer.model (VILA's trainer saves a slow tokenizer) loads with the
+    SentencePiece-exact tokenizer, the image token outside its vocabulary; save writes tokenizer.model back
+    (no tokenizer.json, no <image>) and the reload tokenizes the same."""
+    from sentencepiece_tokenizer import SentencePieceTokenizer
+
+    source, saved = tmp_path / "vila", tmp_path / "saved"
+    write_vila_folder(source)
+    for name in os.listdir(source / "llm"):
+        if name.startswith(("tokenizer", "special_tokens")):
+            os.remove(source / "llm" / name)
+    sp = write_sentencepiece_folder(source / "llm")
+    mllm = models.load_model(str(source))
+    assert isinstance(mllm.tokenizer, SentencePieceTokenizer)
+    assert mllm.image_token_id == sp.get_piece_size() and mllm.pad_token_id == 0
+    text = "What  is  it?"
+    assert mllm.tokenizer(text).input_ids == [1] + sp.encode(text)
+    mllm.save(str(saved))
+    assert (saved / "llm" / "tokenizer.model").is_file() and not (saved / "llm" / "tokenizer.json").exists()
+    assert json.load(open(saved / "llm" / "tokenizer_config.json"))["tokenizer_class"] == "LlamaTokenizer"
+    again = models.load_model(str(saved))
+    assert again.image_token_id == mllm.image_token_id
+    assert again.tokenizer(text).input_ids == mllm.tokenizer(text).input_ids
 
 
 def test_tiny_vila_saves_as_vila_folder(tmp_path):
