@@ -218,6 +218,18 @@ def test_multi_turn_truncation_keeps_turns_whole(bpe):
         data.tokenize_turns(TURNS, bpe, 7, IMAGE_ID, first_label)
 
 
+def test_multi_turn_of_letter_answers_is_open_response(bpe):
+    """nrca.py's docstring: a sample's answer tokens run over all its turns, so two one-letter answers
+    (letter + </s> each = 4 tokens) are open-response, one is not."""
+    import nrca
+
+    for turns, n_open in (([("Which?", "B")], 0), ([("Which?", "B"), ("And this one?", "C")], 1)):
+        input_ids, labels = data.tokenize_turns(turns, bpe, N_IMAGE, IMAGE_ID, 200)
+        assert int((labels != IGNORE_INDEX).sum()) == 2 * len(turns)
+        logits = torch.randn(1, len(input_ids), len(bpe))  # (1, T, V)
+        assert int(nrca.nrca_loss(logits, logits + 0.1, labels[None]).n_open) == n_open
+
+
 def test_multi_turn_records_through_mix_and_dataset(bpe, tmp_path):
     """A multi-turn record passes load/mix unchanged (its turns are not rewritten) and the dataset item
     carries the labels of tokenize_turns; prompt_length ends the first exchange's prompt."""
