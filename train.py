@@ -64,7 +64,8 @@ class TrainConfig:
                              "noise augmentation), check the gates, cache it next to --out-dir per seed, and "
                              "fine-tune that base")
     samples_per_dataset: int = _f(10_000, "k random records per dataset (paper: 10k)")
-    max_length: int = _f(2048, "max tokens per sample; image tokens are never cut")
+    max_length: int = _f(2048, "max tokens per sample, image tokens included (LLaVA-1.5 counted the image as 1); "
+                                 "image tokens are never cut")
     skip_bad_records: bool = _f(False, "count and log bad records instead of stopping")
     out_dir: str = _f("runs/default", "run folder: checkpoints, metrics.jsonl, final model, eval")
     vila_downsample_order: str = _f("auto", "VILA connector's 2x2 block order: auto (from mm_projector/config.json: "
