@@ -14,7 +14,6 @@ from conftest import preprocess_v1_reference, write_sentencepiece_folder
 
 import data
 import models
-from sentencepiece_tokenizer import SentencePieceTokenizer
 
 TEXTS = [
     "What  is",  # runs of spaces: SentencePiece [▁What, ▁, ▁is]; a converted BPE gives [▁What, ▁▁, is]
@@ -37,7 +36,6 @@ def folder(tmp_path_factory):
 def test_tokenization_equals_sentencepiece(folder, text):
     path, sp = folder
     tokenizer = models._load_tokenizer(str(path))
-    assert isinstance(tokenizer, SentencePieceTokenizer)
     ids = sp.encode(text)
     assert tokenizer(text, add_special_tokens=False).input_ids == ids, (
         tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False).input_ids), sp.id_to_piece(ids))
@@ -47,9 +45,13 @@ def test_tokenization_equals_sentencepiece(folder, text):
 
 
 def test_special_tokens_and_added_image_token(folder):
-    """Special tokens inside a text are split out; each stretch around them is encoded on its own."""
+    """Only tokenizer.model -> SentencePieceTokenizer. Special tokens inside a text are split out; each
+    stretch around them is encoded on its own."""
+    from sentencepiece_tokenizer import SentencePieceTokenizer
+
     path, sp = folder
     tokenizer = models._load_tokenizer(str(path))
+    assert isinstance(tokenizer, SentencePieceTokenizer)
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (1, 2, 0)
     assert tokenizer("a  b</s>USER: c", add_special_tokens=False).input_ids == sp.encode("a  b") + [2] + sp.encode(
         "USER: c")
@@ -93,5 +95,7 @@ def test_save_writes_a_llama_tokenizer_folder(folder, tmp_path):
     again = models._load_tokenizer(str(tmp_path))
     for text in TEXTS:
         assert again(text).input_ids == tokenizer(text).input_ids
+    from sentencepiece_tokenizer import SentencePieceTokenizer
+
     with pytest.raises(ValueError, match="add_eos_token"):
         SentencePieceTokenizer(vocab_file=str(path / "tokenizer.model"), add_eos_token=True)
