@@ -5,7 +5,8 @@ records, multi-task mixing, image loading, collation, and the synthetic embedded
   "{SYSTEM_PROMPT} USER: <image>\\n{question} ASSISTANT: {answer}</s>" and, for every further exchange of
   a multi-turn record, "USER: {question} ASSISTANT: {answer}</s>"; labels keep every answer's tokens and
   its </s>, everything else is -100, as LLaVA's `preprocess_v1` (haotian-liu/LLaVA 44e0562, 2023-10-05,
-  the LLaVA-1.5 release; VILA 1c88211 has the same function). The image placeholder becomes
+  the LLaVA-1.5 release; VILA 1c88211 labels the same tokens, with a round-length correction for its
+  legacy=False tokenizer, see sentencepiece_tokenizer.py). The image placeholder becomes
   `num_image_tokens` copies of the model's image token id. Tokenisation is done piece by piece (see
   `encode_conversation`) so the label mask is exact by construction.
 - Records: BAAI DataOptim / LLaVA JSON (a list) or JSONL, `{"id", "image", "conversations": [{"from":
@@ -431,6 +432,7 @@ class MultiTaskDataset(torch.utils.data.Dataset):
         self.image_folder = Path(image_folder)
         self.preprocess = preprocess
         self.skipped: list[str] = []
+        self.n_truncated = 0  # records cut to max_length (assemble_turns), logged once
         self.records, self.pieces = [], []
         self.num_image_tokens, self.image_token_id, self.max_length = num_image_tokens, image_token_id, max_length
         for index, record in enumerate(records):
@@ -440,7 +442,7 @@ class MultiTaskDataset(torch.utils.data.Dataset):
                 turns = conversation_turns(record, where)
                 question, answer = turns[0]
                 pieces = encode_turns(turns, tokenizer, where)
-                assemble_turns(*pieces, num_image_tokens, image_token_id, max_length, where)
+                input_ids, _ = assemble_turns(*pieces, num_image_tokens, image_token_id, max_length, where)
                 path = self.image_folder / record["image"]
                 if not path.is_file():
                     raise FileNotFoundError(f"{where}: image {path} does not exist")
@@ -457,6 +459,11 @@ class MultiTaskDataset(torch.utils.data.Dataset):
                 continue
             self.records.append({**record, "question": question, "answer": answer})
             self.pieces.append(pieces)
+            full_length = len(pieces[0]) + num_image_tokens + sum(len(p) + len(a) for p, a in pieces[1])
+            self.n_truncated += len(input_ids) < full_length
+        if self.n_truncated:
+            log.warning("%d of %d records are longer than max_length=%d and were truncated (an answer's tail, or "
+                        "whole later turns; see assemble_turns)", self.n_truncated, len(self.records), max_length)
         if self.skipped:
             log.warning("skipped %d of %d records (skip_bad_records=True)", len(self.skipped),
                         len(self.skipped) + len(self.records))

@@ -14,11 +14,15 @@ so the labels would differ from those the checkpoint was trained on. `SentencePi
 transformers `PreTrainedTokenizer` (the `SentencePieceBackend` of transformers 5) whose `_tokenize` is
 `sp.encode` itself; models.py uses it for folders with `tokenizer.model` and no `tokenizer.json`.
 
-One difference is left on purpose. VILA's builder passes `legacy=False`, which (transformers 4.36) drops
-the dummy prefix of text that follows a special token inside one string. Our data.py never tokenizes a
-string holding a special token (it tokenises the template piece by piece, see data.encode_conversation),
-and LLaVA-1.5's `preprocess_v1` counts each round tokenised on its own, dummy prefix included; we follow
-that (`legacy=True`) for every piece.
+One difference is left on purpose. VILA's builder (1c88211, llava/model/language_model/builder.py) passes
+`legacy=False`; its copy of LlamaTokenizer (llava/train/transformers_replace/models/llama/tokenization_llama.py)
+then encodes "▁" + text once per string, so text that follows a special token inside one string gets no
+"▁" of its own (VILA's `preprocess_v1` subtracts one token per later round to match). Our data.py never
+tokenizes a string holding a special token (it tokenises the template piece by piece, see
+data.encode_turns), and LLaVA-1.5's `preprocess_v1` counts each round tokenised on its own, "▁" included;
+we follow that (`legacy=True`) for every piece. So for VILA the prompt of a multi-turn record's later
+turns ("USER: ...") may start with one token different from VILA's training; answers and single-turn
+records are unaffected.
 
 Not here: the chat template (data.py), choosing between this and `AutoTokenizer` (models._load_tokenizer).
 

@@ -230,7 +230,7 @@ def test_multi_turn_of_letter_answers_is_open_response(bpe):
         assert int(nrca.nrca_loss(logits, logits + 0.1, labels[None]).n_open) == n_open
 
 
-def test_multi_turn_records_through_mix_and_dataset(bpe, tmp_path):
+def test_multi_turn_records_through_mix_and_dataset(bpe, tmp_path, caplog):
     """A multi-turn record passes load/mix unchanged (its turns are not rewritten) and the dataset item
     carries the labels of tokenize_turns; prompt_length ends the first exchange's prompt."""
     Image.new("RGB", (9, 7), (10, 200, 10)).save(tmp_path / "img_m.png")
@@ -242,10 +242,17 @@ def test_multi_turn_records_through_mix_and_dataset(bpe, tmp_path):
                                                       "conversations": conversations}]))
     mixed = data.mix_datasets([("multi", str(tmp_path / "multi.json"), "caption")])
     assert mixed[0]["conversations"] == conversations and mixed[0]["question"] == TURNS[0][0]
-    item = make_dataset(mixed, tmp_path, bpe)[0]
+    dataset = make_dataset(mixed, tmp_path, bpe)
+    item = dataset[0]
     input_ids, labels = data.tokenize_turns(TURNS, bpe, N_IMAGE, IMAGE_ID, 200)
     assert torch.equal(item["input_ids"], input_ids) and torch.equal(item["labels"], labels)
     assert item["prompt_length"] == int((labels != IGNORE_INDEX).nonzero()[0])
+    assert dataset.n_truncated == 0
+    # a max_length that drops the last exchange is counted and logged once
+    with caplog.at_level(logging.WARNING, logger="nrca.data"):
+        short = make_dataset(mixed, tmp_path, bpe, max_length=len(input_ids) - 1)
+    assert short.n_truncated == 1 and (short[0]["labels"] == bpe.eos_token_id).sum() == 2
+    assert any("1 of 1 records are longer than max_length" in r.message for r in caplog.records)
 
 
 # ----------------------------------------------------------------------------------------------------
