@@ -20,9 +20,9 @@ then encodes "▁" + text once per string, so text that follows a special token 
 "▁" of its own (VILA's `preprocess_v1` subtracts one token per later round to match). Our data.py never
 tokenizes a string holding a special token (it tokenises the template piece by piece, see
 data.encode_turns), and LLaVA-1.5's `preprocess_v1` counts each round tokenised on its own, "▁" included;
-we follow that (`legacy=True`) for every piece. So for VILA the prompt of a multi-turn record's later
-turns ("USER: ...") may start with one token different from VILA's training; answers and single-turn
-records are unaffected.
+we follow that (`legacy=True`) for every piece. So for VILA the first word ("USER") of a multi-turn
+record's later turns is tokenized with a "▁" where VILA's training had none (a prompt token, never a
+label); answers and single-turn records are unaffected.
 
 Not here: the chat template (data.py), choosing between this and `AutoTokenizer` (models._load_tokenizer).
 
