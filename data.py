@@ -2,12 +2,16 @@
 records, multi-task mixing, image loading, collation, and the synthetic embedded-default data set.
 
 - Template (vicuna_v1, both LLaVA-1.5 and VILA1.5):
-  "{SYSTEM_PROMPT} USER: <image>\\n{question} ASSISTANT: {answer}</s>"; labels keep only the answer
-  tokens and </s>, everything else is -100. The image placeholder becomes `num_image_tokens` copies of
-  the model's image token id. Tokenisation is done piece by piece (see `encode_conversation`) so the
-  label mask is exact by construction.
+  "{SYSTEM_PROMPT} USER: <image>\\n{question} ASSISTANT: {answer}</s>" and, for every further exchange of
+  a multi-turn record, "USER: {question} ASSISTANT: {answer}</s>"; labels keep every answer's tokens and
+  its </s>, everything else is -100, as LLaVA's `preprocess_v1` (haotian-liu/LLaVA 44e0562, 2023-10-05,
+  the LLaVA-1.5 release; VILA 1c88211 labels the same tokens, with a round-length correction for its
+  legacy=False tokenizer, see sentencepiece_tokenizer.py). The image placeholder becomes
+  `num_image_tokens` copies of the model's image token id. Tokenisation is done piece by piece (see
+  `encode_conversation`) so the label mask is exact by construction.
 - Records: BAAI DataOptim / LLaVA JSON (a list) or JSONL, `{"id", "image", "conversations": [{"from":
-  "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}]}`, single turn.
+  "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}`: turns alternate human, gpt,
+  one image whose placeholder is in the first human turn. Evaluation (evaluate.py) is single-turn.
 - Multi-task mix (Sec. 4.1): k random records per dataset (paper: 10,000) with a seed; caption records
   get one of the paper's five caption instructions sampled per record; multiple-choice questions end
   with "Answer with the option's letter from the given choices directly."; each record keeps its task
@@ -19,8 +23,8 @@ records, multi-task mixing, image loading, collation, and the synthetic embedded
   `skip_bad_records=True` turns record-level errors into skips that are logged one by one and kept in
   a `skipped` list. A malformed JSON file always raises (no record of it can be trusted).
 
-Not here: the model's image processors (models.py), evaluation splits' scoring (evaluate.py),
-multi-turn conversations and records with several images (rejected with a clear error).
+Not here: the model's image processors (models.py), evaluation splits' scoring (evaluate.py), records
+with several images or none (rejected with a clear error).
 
 Run:
     python data.py synthetic data/synthetic            # the embedded default's data (~1 s)
@@ -107,16 +111,73 @@ def encode_conversation(question: str, answer: str, tokenizer, where: str = "con
                         "first; only one image per record is supported")
     if IMAGE_PLACEHOLDER in answer:
         raise DataError(f"{where}: the answer holds an {IMAGE_PLACEHOLDER!r} placeholder")
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    prefix = bos + tokenizer(f"{SYSTEM_PROMPT} USER: ", add_special_tokens=False).input_ids
+    suffix = tokenizer(f"\n{question} ASSISTANT:", add_special_tokens=False).input_ids
+    return prefix, suffix, _answer_ids(answer, tokenizer, where)
+
+
+def _answer_ids(answer: str, tokenizer, where: str) -> list[int]:
+    """ " {answer}" + </s> (the space as in encode_conversation)."""
     if not answer.strip():
         raise DataError(f"{where}: the answer is empty")
     if tokenizer.eos_token_id is None:
         raise DataError(f"{where}: the tokenizer has no eos token (expected '</s>')")
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    prefix = bos + tokenizer(f"{SYSTEM_PROMPT} USER: ", add_special_tokens=False).input_ids
-    suffix = tokenizer(f"\n{question} ASSISTANT:", add_special_tokens=False).input_ids
     answer_text = answer.strip() if _adds_prefix_space(tokenizer) else f" {answer.strip()}"
-    answer_ids = tokenizer(answer_text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    return prefix, suffix, answer_ids
+    return tokenizer(answer_text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+
+
+def encode_turns(turns: list[tuple[str, str]], tokenizer, where: str = "conversation"):
+    """Token ids of a conversation, (question, answer) per exchange -> (prefix, rounds), rounds a list of
+    (prompt ids, answer ids + </s>) per exchange.
+
+    The first exchange is `encode_conversation`'s (prefix | image | "\\n{q1} ASSISTANT:" | " {a1}</s>"); each
+    later one is "USER: {q} ASSISTANT:" | " {a}</s>", the text vicuna_v1 puts after a "</s>". Each piece is
+    tokenised on its own, as LLaVA's `preprocess_v1` (44e0562) counts a round's length: it tokenises every
+    round "USER: ... ASSISTANT: a" on its own (its own leading "▁" for SentencePiece) and requires the
+    whole conversation to have the same length, else it masks the sample out."""
+    if not turns:
+        raise DataError(f"{where}: no exchange (human, gpt) to train on")
+    prefix, suffix, answer_ids = encode_conversation(turns[0][0], turns[0][1], tokenizer, where)
+    rounds = [(suffix, answer_ids)]
+    for i, (question, answer) in enumerate(turns[1:], 2):
+        here = f"{where} exchange {i}"
+        if IMAGE_PLACEHOLDER in question or IMAGE_PLACEHOLDER in answer:
+            raise DataError(f"{here}: an {IMAGE_PLACEHOLDER!r} placeholder after the first human turn; one image "
+                            "per record, in its first human turn")
+        prompt = tokenizer(f"USER: {question} ASSISTANT:", add_special_tokens=False).input_ids
+        rounds.append((prompt, _answer_ids(answer, tokenizer, here)))
+    return prefix, rounds
+
+
+def assemble_turns(prefix, rounds, num_image_tokens: int, image_token_id: int, max_length: int,
+                   where: str = "conversation"):
+    """(prefix, rounds) of `encode_turns` -> (input_ids (T,), labels (T,)), the image placeholder expanded
+    to num_image_tokens image tokens; labels are every answer's ids and </s>, -100 elsewhere.
+
+    Truncation to max_length, from the end:
+    - the first exchange's prompt is never cut (so no image token ever is); if it leaves no room for one
+      answer token, DataError;
+    - a later exchange is kept whole (prompt, answer and </s>) or dropped whole with the ones after it, so
+      no turn is left with its prompt but part of its answer;
+    - when the first exchange alone does not fit, its answer's tail is cut and with it its </s> (teaching
+      the model to stop mid-sentence would be a wrong signal); at least one answer label stays.
+    """
+    first_prompt, first_answer = rounds[0]
+    prompt = list(prefix) + [image_token_id] * num_image_tokens + list(first_prompt)
+    room = max_length - len(prompt)
+    if room < 1:
+        raise DataError(f"{where}: the prompt is {len(prompt)} tokens ({num_image_tokens} image tokens) and leaves "
+                        f"no room for an answer token within max_length={max_length}; raise --max-length or "
+                        "shorten the question")
+    answer = list(first_answer)[:room]
+    input_ids, labels = prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+    for round_prompt, round_answer in rounds[1:] if len(answer) == len(first_answer) else []:
+        if len(input_ids) + len(round_prompt) + len(round_answer) > max_length:
+            break
+        input_ids += list(round_prompt) + list(round_answer)
+        labels += [IGNORE_INDEX] * len(round_prompt) + list(round_answer)
+    return torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)  # (T,), (T,)
 
 
 def assemble_conversation(pieces, num_image_tokens: int, image_token_id: int, max_length: int,
@@ -126,19 +187,10 @@ def assemble_conversation(pieces, num_image_tokens: int, image_token_id: int, ma
     Truncation to max_length never cuts the prompt (and so never an image token): it cuts the tail of
     the answer. A cut answer loses its </s> as well, because teaching the model to stop in the middle
     of a sentence would be a wrong signal; such a sample keeps at least one answer label. A prompt that
-    leaves no room for one answer token raises DataError.
+    leaves no room for one answer token raises DataError. (One exchange of `assemble_turns`.)
     """
     prefix, suffix, answer_ids = pieces
-    prompt = list(prefix) + [image_token_id] * num_image_tokens + list(suffix)
-    room = max_length - len(prompt)
-    if room < 1:
-        raise DataError(f"{where}: the prompt is {len(prompt)} tokens ({num_image_tokens} image tokens) and leaves "
-                        f"no room for an answer token within max_length={max_length}; raise --max-length or "
-                        "shorten the question")
-    answer_ids = list(answer_ids)[:room]
-    input_ids = torch.tensor(prompt + answer_ids, dtype=torch.long)  # (T,)
-    labels = torch.tensor([IGNORE_INDEX] * len(prompt) + answer_ids, dtype=torch.long)  # (T,)
-    return input_ids, labels
+    return assemble_turns(prefix, [(suffix, answer_ids)], num_image_tokens, image_token_id, max_length, where)
 
 
 def tokenize_conversation(question: str, answer: str, tokenizer, num_image_tokens: int, image_token_id: int,
@@ -150,6 +202,13 @@ def tokenize_conversation(question: str, answer: str, tokenizer, num_image_token
     return assemble_conversation(pieces, num_image_tokens, image_token_id, max_length, where)
 
 
+def tokenize_turns(turns: list[tuple[str, str]], tokenizer, num_image_tokens: int, image_token_id: int,
+                   max_length: int, where: str = "conversation"):
+    """vicuna_v1 ids of a conversation, (question, answer) per exchange: (input_ids (T,), labels (T,)); labels
+    are every answer's ids and </s>, -100 elsewhere. See `encode_turns` and `assemble_turns` (truncation)."""
+    return assemble_turns(*encode_turns(turns, tokenizer, where), num_image_tokens, image_token_id, max_length, where)
+
+
 # ---------------------------------------------------------------------------------------------
 # Records: LLaVA / DataOptim JSON and JSONL
 # ---------------------------------------------------------------------------------------------
@@ -159,9 +218,16 @@ def _record_name(path, index: int, record) -> str:
 
 
 def question_and_answer(record: dict, where: str) -> tuple[str, str]:
-    """The human question (image placeholder removed) and the gpt answer of a single-turn record."""
+    """The first human question (image placeholder removed) and the first gpt answer of a record."""
+    return conversation_turns(record, where)[0]
+
+
+def conversation_turns(record: dict, where: str) -> list[tuple[str, str]]:
+    """(question, answer) of every exchange of a record, stripped; the image placeholder (exactly one, in
+    the first human turn, as LLaVA's data have it) removed from the first question. Turns must alternate
+    human, gpt, starting with human and ending with gpt; DataError names the turn otherwise."""
     if "question" in record and "answer" in record and "conversations" not in record:
-        return str(record["question"]), str(record["answer"])
+        return [(str(record["question"]), str(record["answer"]))]
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: 'conversations' must be a non-empty list of turns, got {turns!r:.80}")
@@ -172,23 +238,32 @@ def question_and_answer(record: dict, where: str) -> tuple[str, str]:
         raise DataError(f"{where}: the first turn must be from 'human', got {turns[0]['from']!r}")
     if len(turns) < 2 or turns[1]["from"] != "gpt":
         raise DataError(f"{where}: no answer turn (a second turn from 'gpt')")
-    if len(turns) > 2:
-        raise DataError(f"{where}: {len(turns)} turns; only single-turn records (human, gpt) are supported")
+    for i, turn in enumerate(turns):
+        if turn["from"] != ("human", "gpt")[i % 2]:
+            raise DataError(f"{where}: turn {i} is from {turn['from']!r}, expected {('human', 'gpt')[i % 2]!r} "
+                            "(turns alternate human, gpt)")
+    if len(turns) % 2:
+        raise DataError(f"{where}: the last turn ({len(turns) - 1}) is from 'human' with no answer after it")
     human = turns[0]["value"]
     if IMAGE_PLACEHOLDER not in human:
-        raise DataError(f"{where}: the human turn has no {IMAGE_PLACEHOLDER!r} placeholder")
-    question = human.replace(IMAGE_PLACEHOLDER, "", 1).strip()
-    if IMAGE_PLACEHOLDER in question:
-        raise DataError(f"{where}: the human turn holds several {IMAGE_PLACEHOLDER!r} placeholders; one image per "
-                        "record is supported")
-    answer = turns[1]["value"].strip()
-    if not answer:
-        raise DataError(f"{where}: the answer turn is empty")
-    return question, answer
+        raise DataError(f"{where}: the first human turn has no {IMAGE_PLACEHOLDER!r} placeholder")
+    if sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in turns) > 1:
+        raise DataError(f"{where}: the conversation holds several {IMAGE_PLACEHOLDER!r} placeholders; one image per "
+                        "record, in its first human turn, is supported")
+    exchanges = []
+    for i in range(0, len(turns), 2):
+        question = turns[i]["value"].replace(IMAGE_PLACEHOLDER, "", 1).strip()
+        answer = turns[i + 1]["value"].strip()
+        if i > 0 and not question:
+            raise DataError(f"{where}: human turn {i} is empty")
+        if not answer:
+            raise DataError(f"{where}: the answer turn is empty (turn {i + 1})")
+        exchanges.append((question, answer))
+    return exchanges
 
 
 def validate_record(record, where: str) -> None:
-    """Raise DataError unless record is a single-turn LLaVA record with an id and an image path."""
+    """Raise DataError unless record is a LLaVA record (see conversation_turns) with an id and an image path."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
     if record.get("id") is None or str(record["id"]) == "":
@@ -197,7 +272,7 @@ def validate_record(record, where: str) -> None:
     if not isinstance(image, str) or not image:
         raise DataError(f"{where}: missing 'image' field (a relative image path); text-only records are not "
                         "supported")
-    question_and_answer(record, where)
+    conversation_turns(record, where)
 
 
 def _parse_json_or_jsonl(path: Path) -> list:
@@ -276,9 +351,10 @@ def mix_datasets(sources, samples_per_dataset: int = 10_000, seed: int = 0, skip
     sources: Source objects or (name, path, task) tuples. Per dataset, a generator seeded by (seed, name)
     draws k = samples_per_dataset records without replacement (all of them, logged, when fewer) and,
     for caption records, one of the five CAPTION_PROMPTS per record (replacing the original
-    instruction); choice questions get CHOICE_SUFFIX appended unless already there. Returned records:
-    the original fields plus "question", "answer", "task", "source" and rewritten "conversations";
-    dataset order, then draw order (the trainer shuffles)."""
+    instruction); choice questions get CHOICE_SUFFIX appended unless already there. A multi-turn record
+    keeps its conversation as written (the paper's prompts are for single-turn records). Returned
+    records: the original fields plus "question", "answer" (the first exchange), "task", "source" and
+    (rewritten) "conversations"; dataset order, then draw order (the trainer shuffles)."""
     if samples_per_dataset < 1:
         raise ValueError(f"samples_per_dataset must be >= 1, got {samples_per_dataset}")
     mixed = []
@@ -302,14 +378,19 @@ def mix_datasets(sources, samples_per_dataset: int = 10_000, seed: int = 0, skip
             chosen = rng.sample(range(len(records)), samples_per_dataset)
         for index in chosen:
             record = records[index]
-            question, answer = question_and_answer(record, _record_name(source.path, index, record))
+            turns = conversation_turns(record, _record_name(source.path, index, record))
+            question, answer = turns[0]
+            image = record["image"]
+            if source.image_folder is not None:
+                image = str(Path(source.image_folder) / image)
+            if len(turns) > 1:
+                mixed.append({**record, "image": image, "question": question, "answer": answer, "task": source.task,
+                              "source": source.name})
+                continue
             if source.task == "caption":
                 question = rng.choice(CAPTION_PROMPTS)
             else:
                 question = with_choice_suffix(question)
-            image = record["image"]
-            if source.image_folder is not None:
-                image = str(Path(source.image_folder) / image)
             mixed.append({**record, "image": image, "question": question, "answer": answer, "task": source.task,
                           "source": source.name,
                           "conversations": [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}"},
@@ -351,15 +432,17 @@ class MultiTaskDataset(torch.utils.data.Dataset):
         self.image_folder = Path(image_folder)
         self.preprocess = preprocess
         self.skipped: list[str] = []
+        self.n_truncated = 0  # records cut to max_length (assemble_turns), logged once
         self.records, self.pieces = [], []
         self.num_image_tokens, self.image_token_id, self.max_length = num_image_tokens, image_token_id, max_length
         for index, record in enumerate(records):
             where = f"record {index} (id {record.get('id')!r}, source {record.get('source')!r})"
             try:
                 validate_record(record, where)
-                question, answer = question_and_answer(record, where)
-                pieces = encode_conversation(question, answer, tokenizer, where)
-                assemble_conversation(pieces, num_image_tokens, image_token_id, max_length, where)
+                turns = conversation_turns(record, where)
+                question, answer = turns[0]
+                pieces = encode_turns(turns, tokenizer, where)
+                input_ids, _ = assemble_turns(*pieces, num_image_tokens, image_token_id, max_length, where)
                 path = self.image_folder / record["image"]
                 if not path.is_file():
                     raise FileNotFoundError(f"{where}: image {path} does not exist")
@@ -376,6 +459,11 @@ class MultiTaskDataset(torch.utils.data.Dataset):
                 continue
             self.records.append({**record, "question": question, "answer": answer})
             self.pieces.append(pieces)
+            full_length = len(pieces[0]) + num_image_tokens + sum(len(p) + len(a) for p, a in pieces[1])
+            self.n_truncated += len(input_ids) < full_length
+        if self.n_truncated:
+            log.warning("%d of %d records are longer than max_length=%d and were truncated (an answer's tail, or "
+                        "whole later turns; see assemble_turns)", self.n_truncated, len(self.records), max_length)
         if self.skipped:
             log.warning("skipped %d of %d records (skip_bad_records=True)", len(self.skipped),
                         len(self.skipped) + len(self.records))
@@ -388,11 +476,11 @@ class MultiTaskDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         where = f"record {index} (id {record.get('id')!r}, source {record.get('source')!r})"
-        input_ids, labels = assemble_conversation(self.pieces[index], self.num_image_tokens, self.image_token_id,
-                                                  self.max_length, where)
+        input_ids, labels = assemble_turns(*self.pieces[index], self.num_image_tokens, self.image_token_id,
+                                           self.max_length, where)
         image = open_image(self.image_folder / record["image"], where)
         pixel_values = self.preprocess([image])[0]  # (C, H, W)
-        prompt_length = int((labels == IGNORE_INDEX).sum())  # the answer is the tail
+        prompt_length = int((labels != IGNORE_INDEX).nonzero()[0])  # the first exchange's prompt
         return {"id": str(record["id"]), "task": record.get("task", ""), "source": record.get("source", ""),
                 "input_ids": input_ids, "labels": labels, "pixel_values": pixel_values,
                 "prompt_length": prompt_length, "answer": record["answer"],

@@ -111,6 +111,9 @@ def validate_test_records(records: list[dict], task: str, source: str = "records
         turns = record.get("conversations")
         if not isinstance(turns, list) or not turns or turns[0].get("from") != "human":
             raise ValueError(f"{where}: 'conversations' must start with a human turn")
+        if len(turns) > 2:
+            raise ValueError(f"{where}: {len(turns)} turns; evaluation is single-turn (the human turn, optionally "
+                             "followed by its answer)")
         question = str(turns[0].get("value", "")).replace("<image>", "", 1).strip()  # as data.question_and_answer
         record = {**record, "id": key, "question": question, "task": task}
         if task == "caption":

@@ -128,33 +128,53 @@ def cider(predictions: dict[str, str], references: dict[str, list[str]],
 # ---------------------------------------------------------------------------------------------
 # Multiple-choice metrics
 # ---------------------------------------------------------------------------------------------
-# A whole answer that is only a letter: "B", "B.", "B)", "B:", "(B)"; lower case accepted here only
-# ("b"), because a lone letter cannot be the article "a".
+# A whole line that is only a letter: "B", "B.", "B)", "B:", "(B)"; lower case accepted here only ("b"),
+# because a lone letter cannot be the article "a".
 _BARE_LETTER = re.compile(r"^(?:\(([A-Za-z])\)|([A-Za-z])[.):]?)$")
 # A capital letter with its option text: "B. a red circle", "B) ...", "B: ...", "(B) ...". "A dog" is
 # not an answer (article), nor is "B.C".
 _LETTER_WITH_TEXT = re.compile(r"^(?:\(([A-Z])\)|([A-Z])[.):])\s+\S")
-# "The answer is B.", "the correct answer is (C)", "Answer: D" anywhere in the text (first one wins);
-# the letter must be a capital not followed by another letter ("The answer is a dog" -> None).
-_ANSWER_IS = re.compile(r"(?i:\banswer\s*(?:is\s*:?|:))\s*\(?([A-Z])(?![A-Za-z])")
+# What may follow a letter named in a sentence: the end, punctuation, or a word that goes on about it
+# ("I think B is right"); "I think A dog ..." names no option.
+_AFTER_LETTER = r"(?=\s*$|\s*[.,;:!?)\]]|\s+(?:is|was|because|since|as)\b)"
+# "The answer is B.", "the correct answer is (C)", "Answer: D", "the answer is c.", "the correct option is B",
+# anywhere in the text; every such statement counts (two different letters -> unparsable). A capital must
+# not be followed by another letter ("The answer is Bob"); a lower-case letter must end the sentence
+# ("the answer is c." but not "the answer is a dog").
+_ANSWER_IS = re.compile(r"(?i:\b(?:answer|option)\s*(?:is\s*:?|:))\s*\(?(?:([A-Z])(?![A-Za-z])|([a-z])"
+                        r"(?=\)?\s*(?:$|[.,;:!?\n])))")
+# At the start: "Option A", "option (B): red", "I think B", "I think it is B", "I think the answer is (C)".
+_LEADING_PHRASE = re.compile(r"^(?:(?i:option)\s*|(?i:i\s+think)\s+(?:(?:it|the\s+answer)\s+is\s+)?)\(?([A-Z])\)?"
+                             + _AFTER_LETTER)
 
 
 def parse_choice(text: str, n_options: int) -> str | None:
     """The option letter a model's answer names, or None (unparsable: counted wrong).
 
-    Accepted, after stripping whitespace: a bare letter ("B", "B.", "B)", "(B)", also lower case "b"),
-    a capital letter followed by its option text ("B. a red circle", "(B) red", "B) red", "B: red"), or
-    "... answer is B" / "Answer: (B)" anywhere. The letter must be one of the first `n_options`
-    ("E" with 4 options is None). Everything else, e.g. "A dog", "I think B", "A, B", is None."""
+    Markdown emphasis ("**B**", "__B__", "`B`") is dropped first. Accepted:
+    - the first line is a letter: bare ("B", "B.", "B)", "(B)", also lower case "b"), so "B\\n\\nBecause ..."
+      is B; or a capital with its option text ("B. a red circle", "(B) red", "B) red", "B: red");
+    - the text starts "Option A" / "I think B" / "I think it is B" / "I think the answer is (B)";
+    - "... answer is B", "Answer: (B)", "the answer is c.", "the correct option is B" anywhere.
+    Every form present counts: when they name different letters ("The answer is A. The answer is B.",
+    "A. The answer is B") the answer is unparsable, as LLaVA's ScienceQA evaluator (haotian-liu/LLaVA
+    44e0562, llava/eval/eval_science_qa.py) fails on more than one "The answer is X." (we accept repeats
+    of one letter). The letter must be one of the first `n_options` ("E" with 4 options is None).
+    Everything else, e.g. "A dog", "A, B", "BLUE", is None."""
     if not isinstance(text, str):
         raise TypeError(f"parse_choice: text must be a str, got {type(text).__name__}")
     if not isinstance(n_options, int) or not 1 <= n_options <= len(LETTERS):
         raise ValueError(f"parse_choice: n_options must be an int in [1, 26], got {n_options!r}")
-    text = text.strip()
-    match = _BARE_LETTER.match(text) or _LETTER_WITH_TEXT.match(text) or _ANSWER_IS.search(text)
-    if match is None:
-        return None
-    letter = next(g for g in match.groups() if g).upper()
+    text = re.sub(r"\*\*|__|`", "", text).strip()
+    first_line = text.split("\n", 1)[0].strip()
+    found = []
+    for match in [_BARE_LETTER.match(first_line) or _LETTER_WITH_TEXT.match(text) or _LEADING_PHRASE.match(text),
+                  *_ANSWER_IS.finditer(text)]:
+        if match is not None:
+            found.append(next(g for g in match.groups() if g).upper())
+    if len(set(found)) != 1:
+        return None  # none, or conflicting letters
+    letter = found[0]
     return letter if LETTERS.index(letter) < n_options else None
 
 

@@ -6,7 +6,9 @@ recipe of Sec. 3.1 (vision encoder frozen; connector + last N decoder layers tra
 - VILA1.5 in its own three-folder format (`llm/`, `vision_tower/`, `mm_projector/` + `config.json`):
   transformers has no class for it, so `VilaForConditionalGeneration` assembles a `LlamaForCausalLM`,
   a `SiglipVisionModel` and our `DownSampleProjector` (VILA's "mlp_downsample"), and `save` writes the
-  same three folders back so VILA's own tools can read the result.
+  same three folders back so VILA's own tools can read the result. The connector's image-token order is
+  that of the VILA1.5 release code (NVlabs/VILA 1c88211, 2024-05-13); the NVILA-era order (36f6adc,
+  2024-12-12) is `downsample_order="nvila"` or mm_projector_type "mlp_downsample_2x2_fix" (see DOWNSAMPLE_ORDERS).
 - "tiny-llava", "tiny-vila" (and "small-llava", tiny-llava with a 128-wide Llama: the testbed's model):
   random-weight models of the same two architectures (seeded, so two
   loads are identical) with a byte-level BPE tokenizer trained here in milliseconds; they train on a
@@ -79,11 +81,32 @@ TINY_VILA_IMAGE, TINY_VILA_PATCH = 56, 8  # 7 x 7 grid (odd: zero-padded to 8 x 
 # VILA1.5's connector: "mlp_downsample"
 
 
+# The order of the 2x2 blocks changed upstream (github.com/NVlabs/VILA, llava/model/multimodal_projector/
+# base_projector.py, `DownSampleBlock.flat_square`):
+#   "vila1.5": commit 1c88211 (2024-05-13, "move repo to NVLabs"), unchanged through 54c9706 (2024-08-19,
+#              "Support LongVILA"): the VILA1.5 release code. Blocks come out column by column: output token
+#              k = j * h + i holds block (i, j) (row i, column j of the half-size grid).
+#   "nvila":   commit 36f6adc (2024-12-12, "NVILA release") appends `permute(0, 2, 1, 3)` to flat_square (and
+#              adds "mlp_downsample_2x2_fix", the same block): blocks come out row by row, k = i * h + j.
+# Inside a block the four patches are concatenated (r, c), (r, c+1), (r+1, c), (r+1, c+1) in both.
+DOWNSAMPLE_ORDERS = ("vila1.5", "nvila")
+# mm_projector/config.json "mm_projector_type" -> the order its checkpoint was trained with. VILA at 36f6adc
+# and later builds "mlp_downsample" with the NVILA order too: such checkpoints need downsample_order="nvila".
+PROJECTOR_TYPE_ORDER = {"mlp_downsample": "vila1.5", "mlp_downsample_2x2_fix": "nvila"}
+
+
 class DownSample2x2(nn.Module):
     """(B, g*g, C) vision tokens -> (B, ceil(g/2)^2, 4C): every 2x2 block of the patch grid becomes one
     token, its four patches concatenated channel-wise in the order (r, c), (r, c+1), (r+1, c),
-    (r+1, c+1); an odd grid is first zero-padded at the bottom and right. Tokens stay row-major.
-    SigLIP-so400m-384: 27 x 27 -> 14 x 14 = 196 tokens."""
+    (r+1, c+1); an odd grid is first zero-padded at the bottom and right.
+    order "vila1.5" (default, the VILA1.5 release): blocks column-major; "nvila": blocks row-major (see
+    DOWNSAMPLE_ORDERS above for the upstream commits). SigLIP-so400m-384: 27 x 27 -> 14 x 14 = 196 tokens."""
+
+    def __init__(self, order: str = "vila1.5"):
+        super().__init__()
+        if order not in DOWNSAMPLE_ORDERS:
+            raise ValueError(f"DownSample2x2: order must be one of {DOWNSAMPLE_ORDERS}, got {order!r}")
+        self.order = order
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         batch, num_tokens, channels = features.shape
@@ -94,23 +117,32 @@ class DownSample2x2(nn.Module):
         if side % 2:
             grid = F.pad(grid, (0, 0, 0, 1, 0, 1))  # (B, g+1, g+1, C): zero column right, zero row below
         half = grid.shape[1] // 2
-        blocks = grid.reshape(batch, half, 2, half, 2, channels).permute(0, 1, 3, 2, 4, 5)  # (B, h, h, 2, 2, C)
+        blocks = grid.reshape(batch, half, 2, half, 2, channels)  # (B, i, di, j, dj, C)
+        # (B, i, j, di, dj, C) row-major blocks, or (B, j, i, di, dj, C) column-major blocks
+        blocks = blocks.permute(0, 1, 3, 2, 4, 5) if self.order == "nvila" else blocks.permute(0, 3, 1, 2, 4, 5)
         return blocks.reshape(batch, half * half, 4 * channels)  # (B, h*h, 4C)
+
+    def extra_repr(self) -> str:
+        return f"order={self.order!r}"
 
 
 class DownSampleProjector(nn.Module):
     """VILA's mlp_downsample connector; state-dict keys layers.1.* (LayerNorm), layers.2.*, layers.4.*
-    (Linear) match VILA's `mm_projector/model.safetensors`."""
+    (Linear) match VILA's `mm_projector/model.safetensors`. `order` is DownSample2x2's block order."""
 
-    def __init__(self, vision_hidden_size: int, llm_hidden_size: int):
+    def __init__(self, vision_hidden_size: int, llm_hidden_size: int, order: str = "vila1.5"):
         super().__init__()
         self.layers = nn.Sequential(
-            DownSample2x2(),
+            DownSample2x2(order),
             nn.LayerNorm(4 * vision_hidden_size),
             nn.Linear(4 * vision_hidden_size, llm_hidden_size),
             nn.GELU(),
             nn.Linear(llm_hidden_size, llm_hidden_size),
         )
+
+    @property
+    def order(self) -> str:
+        return self.layers[0].order
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.layers(features)
@@ -357,24 +389,33 @@ def freeze_for_finetuning(mllm: MLLM, tune_last_layers: int = 2, tune_connector:
 
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               attn_implementation: str | None = None) -> MLLM:
-    """"tiny-llava" | "tiny-vila" | a transformers LLaVA folder | a VILA1.5 folder -> MLLM (eval mode)."""
+               attn_implementation: str | None = None, downsample_order: str | None = None) -> MLLM:
+    """"tiny-llava" | "tiny-vila" | "small-llava" | a transformers LLaVA folder | a VILA1.5 folder -> MLLM
+    (eval mode).
+
+    downsample_order (VILA only): None reads it from mm_projector/config.json (PROJECTOR_TYPE_ORDER:
+    "mlp_downsample" -> "vila1.5", "mlp_downsample_2x2_fix" -> "nvila"); "vila1.5" | "nvila" overrides it,
+    for "mlp_downsample" checkpoints trained with VILA's code from 36f6adc on."""
+    if downsample_order is not None and downsample_order not in DOWNSAMPLE_ORDERS:
+        raise ValueError(f"load_model: downsample_order must be None or one of {DOWNSAMPLE_ORDERS}, "
+                         f"got {downsample_order!r}")
     if name_or_path in BUILT_IN:
         kind = "vila" if name_or_path == "tiny-vila" else "llava"
-        mllm = _build_tiny(kind, attn_implementation, SMALL_TEXT if name_or_path == "small-llava" else TINY_TEXT)
+        mllm = _build_tiny(kind, attn_implementation, SMALL_TEXT if name_or_path == "small-llava" else TINY_TEXT,
+                           downsample_order or "vila1.5")
     else:
-        mllm = _load_folder(name_or_path, dtype, attn_implementation)
+        mllm = _load_folder(name_or_path, dtype, attn_implementation, downsample_order)
     mllm.model.to(device=device, dtype=dtype).eval()
     return mllm
 
 
-def _load_folder(path: str, dtype, attn_implementation) -> MLLM:
+def _load_folder(path: str, dtype, attn_implementation, downsample_order=None) -> MLLM:
     config_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"load_model: {path!r} is neither 'tiny-llava', 'tiny-vila' nor a folder")
     config = json.load(open(config_path)) if os.path.isfile(config_path) else {}
     if os.path.isdir(os.path.join(path, "llm")) or "llm_cfg" in config:
-        return _load_vila(path, config, dtype, attn_implementation)
+        return _load_vila(path, config, dtype, attn_implementation, downsample_order)
     if config.get("model_type") == "llava":
         return _load_llava(path, dtype, attn_implementation)
     found = f"config.json has model_type {config.get('model_type')!r}" if config else "no config.json"
@@ -393,7 +434,15 @@ def _require(path: str) -> str:
 
 
 def _load_tokenizer(folder: str):
+    """`tokenizer.json` -> AutoTokenizer (llava-hf folders); only `tokenizer.model` (VILA's `llm/`, saved by its
+    trainer as a slow tokenizer) -> SentencePieceTokenizer, SentencePiece token for token as LLaVA/VILA's
+    `use_fast=False` loading (AutoTokenizer would convert it to a BPE that disagrees on runs of spaces)."""
     try:
+        if os.path.isfile(os.path.join(folder, "tokenizer.model")) and \
+                not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            from sentencepiece_tokenizer import SentencePieceTokenizer
+
+            return SentencePieceTokenizer.from_pretrained(folder)
         return AutoTokenizer.from_pretrained(folder)
     except (ImportError, ValueError, OSError) as error:
         hint = ""
@@ -433,7 +482,7 @@ def _vila_num_image_tokens(vision_config: SiglipVisionConfig) -> int:
     return half * half
 
 
-def _load_vila(path, config, dtype, attn_implementation) -> MLLM:
+def _load_vila(path, config, dtype, attn_implementation, downsample_order=None) -> MLLM:
     _require(os.path.join(path, "config.json"))
     llm_path, vision_path, projector_path = (os.path.join(path, sub) for sub in ("llm", "vision_tower", "mm_projector"))
     for required in ("config.json", "tokenizer_config.json"):
@@ -442,9 +491,11 @@ def _load_vila(path, config, dtype, attn_implementation) -> MLLM:
         _require(os.path.join(vision_path, required))
     projector_config = json.load(open(_require(os.path.join(projector_path, "config.json"))))
     weights = load_file(_require(os.path.join(projector_path, "model.safetensors")))
-    if projector_config.get("mm_projector_type") != "mlp_downsample":
-        raise ValueError(f"load_model: {projector_path}/config.json has mm_projector_type "
-                         f"{projector_config.get('mm_projector_type')!r}; only 'mlp_downsample' (VILA1.5) is supported")
+    projector_type = projector_config.get("mm_projector_type")
+    if projector_type not in PROJECTOR_TYPE_ORDER:
+        raise ValueError(f"load_model: {projector_path}/config.json has mm_projector_type {projector_type!r}; "
+                         f"supported: {sorted(PROJECTOR_TYPE_ORDER)} (VILA1.5's 2x2 downsample connector)")
+    downsample_order = downsample_order or PROJECTOR_TYPE_ORDER[projector_type]
 
     llm = LlamaForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation=attn_implementation)
     vision_tower = SiglipVisionModel.from_pretrained(vision_path, dtype=dtype, attn_implementation=attn_implementation)
@@ -454,7 +505,7 @@ def _load_vila(path, config, dtype, attn_implementation) -> MLLM:
         got = tuple(weights["layers.2.weight"].shape) if "layers.2.weight" in weights else "missing"
         raise ValueError(f"load_model: {projector_path}/model.safetensors layers.2.weight is {got}, expected "
                          f"{expected} (llm hidden, 4 x vision hidden)")
-    projector = DownSampleProjector(vision_hidden, llm_hidden)
+    projector = DownSampleProjector(vision_hidden, llm_hidden, downsample_order)
     projector.load_state_dict(weights)  # strict: names every missing/unexpected key
 
     tokenizer = _finish_tokenizer(_load_tokenizer(llm_path), llm_path)
@@ -479,7 +530,9 @@ def _save_vila(mllm: MLLM, path: str) -> None:
     mllm.image_processor.save_pretrained(vision_path)
     os.makedirs(projector_path, exist_ok=True)
     dtype = str(next(model.mm_projector.parameters()).dtype).removeprefix("torch.")
-    projector_config = {"architectures": ["MultimodalProjector"], "mm_projector_type": "mlp_downsample",
+    # The type names the block order, so the saved folder reloads with the order it was trained with.
+    projector_type = {order: name for name, order in PROJECTOR_TYPE_ORDER.items()}[model.mm_projector.order]
+    projector_config = {"architectures": ["MultimodalProjector"], "mm_projector_type": projector_type,
                         "model_type": "v2l_projector", "torch_dtype": dtype}
     with open(os.path.join(projector_path, "config.json"), "w") as f:
         json.dump(projector_config, f, indent=2)
@@ -550,7 +603,7 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
                                    extra_special_tokens=[IMAGE_PLACEHOLDER])
 
 
-def _build_tiny(kind: str, attn_implementation, text_size: dict = TINY_TEXT) -> MLLM:
+def _build_tiny(kind: str, attn_implementation, text_size: dict = TINY_TEXT, downsample_order: str = "vila1.5") -> MLLM:
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
@@ -575,7 +628,7 @@ def _build_tiny(kind: str, attn_implementation, text_size: dict = TINY_TEXT) -> 
             vision_config = SiglipVisionConfig(image_size=TINY_VILA_IMAGE, patch_size=TINY_VILA_PATCH,
                                                vision_use_head=False, **TINY_VISION)
             llm, vision_tower = LlamaForCausalLM(text_config), SiglipVisionModel(vision_config)
-            projector = DownSampleProjector(vision_config.hidden_size, text_config.hidden_size)
+            projector = DownSampleProjector(vision_config.hidden_size, text_config.hidden_size, downsample_order)
             model = VilaForConditionalGeneration(llm, vision_tower, projector, image_token_id)
             side = TINY_VILA_IMAGE
             processor = SiglipImageProcessorPil(size={"height": side, "width": side})

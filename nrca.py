@@ -14,6 +14,11 @@ so the clean logits get exactly the CE gradient and the noisy logits only the gr
 The alignment applies to open-response samples only: at least `min_open_tokens` = 3 answer tokens
 (a fixed-choice answer is a letter + EOS = 2 tokens). The noisy branch's own CE is not used.
 
+A multi-turn record (data.py) is one sample whose answer tokens are those of all its assistant turns,
+each with its </s>: T, CE and I run over all of them, and it is open-response when they number at least
+`min_open_tokens`. So two one-letter answers (2 + 2 = 4 tokens) make an open-response sample, as the
+released code's count (labels != -100 > 2) would have it; one letter answer in one turn stays fixed-choice.
+
 Reduction (released code, NOTES.md): per-sample token mean, then the mean over samples — not the
 global token mean of HF. Every method uses `answer_mean` for its CE so that lam = 0 is Full FT.
 Samples without any answer token (e.g. truncated away) are left out of every mean and counted in

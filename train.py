@@ -64,9 +64,13 @@ class TrainConfig:
                              "noise augmentation), check the gates, cache it next to --out-dir per seed, and "
                              "fine-tune that base")
     samples_per_dataset: int = _f(10_000, "k random records per dataset (paper: 10k)")
-    max_length: int = _f(2048, "max tokens per sample; image tokens are never cut")
+    max_length: int = _f(2048, "max tokens per sample, image tokens included (LLaVA-1.5 counted the image as 1); "
+                                 "image tokens are never cut")
     skip_bad_records: bool = _f(False, "count and log bad records instead of stopping")
     out_dir: str = _f("runs/default", "run folder: checkpoints, metrics.jsonl, final model, eval")
+    vila_downsample_order: str = _f("auto", "VILA connector's 2x2 block order: auto (from mm_projector/config.json: "
+                                            "mlp_downsample = vila1.5, mlp_downsample_2x2_fix = nvila) | vila1.5 | "
+                                            "nvila (mlp_downsample checkpoints trained with VILA's code from 2024-12)")
     # method
     method: str = _f("nrca", "one of: " + ", ".join(METHODS))
     lam: float = _f(2.0, "NRCA lambda, Eq. (6)")
@@ -184,6 +188,8 @@ def validate_config(cfg: TrainConfig) -> None:
         (0 <= cfg.warmup_ratio < 1, f"--warmup-ratio {cfg.warmup_ratio}: expected in [0, 1)"),
         (cfg.max_grad_norm >= 0, f"--max-grad-norm {cfg.max_grad_norm}: expected >= 0"),
         (cfg.precision in ("auto", "bf16", "fp32"), f"--precision {cfg.precision!r}: auto, bf16 or fp32"),
+        (cfg.vila_downsample_order in ("auto", *models.DOWNSAMPLE_ORDERS),
+         f"--vila-downsample-order {cfg.vila_downsample_order!r}: auto, vila1.5 or nvila"),
         (cfg.max_length >= 8, f"--max-length {cfg.max_length}: too small"),
         (cfg.save_every >= 0 and cfg.stop_at_step >= 0, "--save-every / --stop-at-step must be >= 0"),
         (cfg.diagnose_every >= 0, f"--diagnose-every {cfg.diagnose_every}: expected >= 0"),
@@ -497,7 +503,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
     load_dtype = torch.bfloat16 if use_bf16 else torch.float32
-    mllm = models.load_model(cfg.model, dtype=load_dtype, device=device)
+    downsample_order = None if cfg.vila_downsample_order == "auto" else cfg.vila_downsample_order
+    mllm = models.load_model(cfg.model, dtype=load_dtype, device=device, downsample_order=downsample_order)
     layers = cfg.tune_last_layers if cfg.tune_last_layers >= 0 else len(mllm.decoder_layers)
     groups = models.freeze_for_finetuning(mllm, tune_last_layers=layers, tune_connector=True,
                                           tune_vision_tower=cfg.tune_vision_tower)
@@ -625,7 +632,8 @@ def save_final_model(mllm, fsdp_units, folder: Path, rank: int, source: str = ""
     trained = {name: full_tensor(p.detach()).cpu() for name, p in mllm.model.named_parameters()
                if hasattr(p, "full_tensor")}  # collectives: every rank, same order
     if rank == 0:
-        copy = models.load_model(source, dtype=dtype)
+        copy = models.load_model(source, dtype=dtype, downsample_order=mllm.model.mm_projector.order
+                                 if mllm.kind == "vila" else None)
         params = dict(copy.model.named_parameters())
         with torch.no_grad():
             for name, value in trained.items():

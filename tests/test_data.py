@@ -12,6 +12,7 @@ import re
 
 import pytest
 import torch
+from conftest import preprocess_v1_reference
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -155,6 +156,106 @@ def test_extra_image_placeholder_is_rejected(bpe):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Multi-turn conversations (LLaVA's preprocess_v1)
+# ----------------------------------------------------------------------------------------------------
+TURNS = [("What colour is it?", "two red circles"), ("Where are they?", "on the left"), ("How many?", "B")]
+
+
+def test_multi_turn_labels_hand_written():
+    """Three exchanges, word-level tokens written out by hand; every answer and its </s> labelled:
+      <s> {system} USER : | <image> x3 | What colour is it ? ASSISTANT : | two red circles </s> |
+      USER : Where are they ? ASSISTANT : | on the left </s> | USER : How many ? ASSISTANT : | B </s>"""
+    tokenizer = word_tokenizer([SYSTEM_PROMPT, "USER: ASSISTANT:"] + [text for turn in TURNS for text in turn])
+    system = ("A chat between a curious user and an artificial intelligence assistant . The assistant gives "
+              "helpful , detailed , and polite answers to the user ' s questions .").split()
+    pieces = [(["<s>"] + system + ["USER", ":"] + [IMAGE_PLACEHOLDER] * 3 + "What colour is it ? ASSISTANT :".split(),
+               False), ("two red circles </s>".split(), True),
+              ("USER : Where are they ? ASSISTANT :".split(), False), ("on the left </s>".split(), True),
+              ("USER : How many ? ASSISTANT :".split(), False), (["B", "</s>"], True)]
+    tokens = [token for piece, _ in pieces for token in piece]
+    input_ids, labels = data.tokenize_turns(TURNS, tokenizer, N_IMAGE, IMAGE_ID, max_length=200)
+    assert tokenizer.convert_ids_to_tokens(input_ids.tolist()) == tokens
+    expected = [token_id if answer else IGNORE_INDEX for piece, answer in pieces
+                for token_id in tokenizer.convert_tokens_to_ids(piece)]
+    assert labels.tolist() == expected
+    # one exchange is exactly the single-turn path
+    single = data.tokenize_conversation(*TURNS[0], tokenizer, N_IMAGE, IMAGE_ID, 200)
+    assert all(torch.equal(a, b) for a, b in zip(single, data.tokenize_turns(TURNS[:1], tokenizer, N_IMAGE, IMAGE_ID,
+                                                                             200), strict=True))
+
+
+def test_multi_turn_equals_preprocess_v1_transcription(bpe):
+    """Byte-level BPE: ids and labels equal our transcription of LLaVA's preprocess_v1 (conftest), which
+    tokenises the whole conversation at once and labels each round by its lengths."""
+    for turns in (TURNS, TURNS[:1], [("Odd text: é ✓ 12,5!", "Ünïcode answer."), ("And then?", "C")]):
+        input_ids, labels = data.tokenize_turns(turns, bpe, N_IMAGE, IMAGE_ID, 10_000)
+        reference_ids, reference_labels = preprocess_v1_reference(
+            turns, lambda text: bpe(text, add_special_tokens=False).input_ids, bpe.bos_token_id, bpe.eos_token_id,
+            N_IMAGE, IMAGE_ID)
+        assert input_ids.tolist() == reference_ids
+        assert labels.tolist() == reference_labels
+        assert (labels == bpe.eos_token_id).sum() == len(turns)  # every assistant turn ends with a labelled </s>
+
+
+def test_multi_turn_truncation_keeps_turns_whole(bpe):
+    """For every max_length: all image tokens kept; later exchanges whole or absent (their labels end with
+    </s>), none left with its prompt but part of its answer; the first answer is cut only when it alone
+    does not fit (then no later exchange)."""
+    full_ids, full_labels = data.tokenize_turns(TURNS, bpe, 7, IMAGE_ID, 10_000)
+    eos_positions = (full_labels == bpe.eos_token_id).nonzero().flatten().tolist()  # end of each exchange
+    first_label = int((full_labels != IGNORE_INDEX).nonzero()[0])
+    for max_length in range(first_label + 1, len(full_ids) + 2):
+        input_ids, labels = data.tokenize_turns(TURNS, bpe, 7, IMAGE_ID, max_length)
+        assert len(input_ids) <= max_length and (input_ids == IMAGE_ID).sum() == 7
+        assert torch.equal(input_ids, full_ids[:len(input_ids)])  # a prefix of the whole conversation
+        assert torch.equal(labels, full_labels[:len(labels)])
+        whole = [end + 1 for end in eos_positions if end < max_length]  # lengths that end an exchange
+        if whole:
+            assert len(input_ids) == whole[-1]  # ends right after the last exchange that fits
+        else:
+            assert len(input_ids) == max_length and labels[-1] != bpe.eos_token_id  # first answer cut, no </s>
+    with pytest.raises(DataError, match="no room for an answer token"):
+        data.tokenize_turns(TURNS, bpe, 7, IMAGE_ID, first_label)
+
+
+def test_multi_turn_of_letter_answers_is_open_response(bpe):
+    """nrca.py's docstring: a sample's answer tokens run over all its turns, so two one-letter answers
+    (letter + </s> each = 4 tokens) are open-response, one is not."""
+    import nrca
+
+    for turns, n_open in (([("Which?", "B")], 0), ([("Which?", "B"), ("And this one?", "C")], 1)):
+        input_ids, labels = data.tokenize_turns(turns, bpe, N_IMAGE, IMAGE_ID, 200)
+        assert int((labels != IGNORE_INDEX).sum()) == 2 * len(turns)
+        logits = torch.randn(1, len(input_ids), len(bpe))  # (1, T, V)
+        assert int(nrca.nrca_loss(logits, logits + 0.1, labels[None]).n_open) == n_open
+
+
+def test_multi_turn_records_through_mix_and_dataset(bpe, tmp_path, caplog):
+    """A multi-turn record passes load/mix unchanged (its turns are not rewritten) and the dataset item
+    carries the labels of tokenize_turns; prompt_length ends the first exchange's prompt."""
+    Image.new("RGB", (9, 7), (10, 200, 10)).save(tmp_path / "img_m.png")
+    conversations = [{"from": "human", "value": f"{TURNS[0][0]}\n{IMAGE_PLACEHOLDER}"}]  # placeholder moved first
+    for k, (question, answer) in enumerate(TURNS):
+        conversations += [] if k == 0 else [{"from": "human", "value": question}]
+        conversations.append({"from": "gpt", "value": f" {answer} "})
+    (tmp_path / "multi.json").write_text(json.dumps([{"id": "m", "image": "img_m.png",
+                                                      "conversations": conversations}]))
+    mixed = data.mix_datasets([("multi", str(tmp_path / "multi.json"), "caption")])
+    assert mixed[0]["conversations"] == conversations and mixed[0]["question"] == TURNS[0][0]
+    dataset = make_dataset(mixed, tmp_path, bpe)
+    item = dataset[0]
+    input_ids, labels = data.tokenize_turns(TURNS, bpe, N_IMAGE, IMAGE_ID, 200)
+    assert torch.equal(item["input_ids"], input_ids) and torch.equal(item["labels"], labels)
+    assert item["prompt_length"] == int((labels != IGNORE_INDEX).nonzero()[0])
+    assert dataset.n_truncated == 0
+    # a max_length that drops the last exchange is counted and logged once
+    with caplog.at_level(logging.WARNING, logger="nrca.data"):
+        short = make_dataset(mixed, tmp_path, bpe, max_length=len(input_ids) - 1)
+    assert short.n_truncated == 1 and (short[0]["labels"] == bpe.eos_token_id).sum() == 2
+    assert any("1 of 1 records are longer than max_length" in r.message for r in caplog.records)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Records
 # ----------------------------------------------------------------------------------------------------
 def record(i, question="What is it?", answer="a cat", image=None, **extra):
@@ -190,7 +291,14 @@ BAD_RECORDS = [
     ({"id": "r2", "conversations": record(0)["conversations"]}, "missing 'image' field"),
     ({"image": "x.png", "conversations": record(0)["conversations"]}, "missing 'id'"),
     (record("r4", answer="   "), "answer turn is empty"),
-    ({**record("r5"), "conversations": record(0)["conversations"] * 2}, "only single-turn"),
+    ({**record("r5"), "conversations": record(0)["conversations"] * 2}, "several '<image>' placeholders"),
+    ({**record("r5b"), "conversations": record(0)["conversations"] + [{"from": "human", "value": "And?"}]},
+     "the last turn (2) is from 'human' with no answer"),
+    ({**record("r5c"), "conversations": record(0)["conversations"] + [{"from": "gpt", "value": "x"}] * 2},
+     "turn 2 is from 'gpt', expected 'human'"),
+    ({**record("r5d"), "conversations": record(0)["conversations"] + [{"from": "human", "value": " "},
+                                                                      {"from": "gpt", "value": "x"}]},
+     "human turn 2 is empty"),
     ({"id": "r6", "image": "x.png", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
      "no '<image>' placeholder"),
     (["not", "a", "record"], "must be a JSON object"),

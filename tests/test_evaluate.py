@@ -87,12 +87,57 @@ def test_id_mismatch_and_empty_prediction_errors_name_the_ids():
     ("b", 4, "B"), ("b.", 4, "B"), ("(d)", 4, "D"),  # a lone lower-case letter cannot be an article
     ("a dog", 4, None), ("A dog is sitting on a mat", 4, None),  # "A" as an article
     ("E", 4, None), ("E. a star", 4, None), ("The answer is E.", 4, None),  # beyond the options
-    ("", 4, None), ("AB", 4, None), ("A, B", 4, None), ("I think it is B", 4, None), ("BLUE", 4, None),
+    ("", 4, None), ("AB", 4, None), ("A, B", 4, None), ("I think it is B", 4, "B"), ("BLUE", 4, None),
     ("The answer is a dog.", 4, None), ("B.C", 4, None),
     ("A. B. C.", 4, "A"), ("A.", 1, "A"), ("Z", 26, "Z"),
 ])
 def test_parse_choice(text, n_options, expected):
     assert metrics.parse_choice(text, n_options) == expected
+
+
+# Model outputs with 4 options (A-D) and the letter each names; None = unparsable (counted wrong).
+PARSE_TABLE = [
+    # the forms LLaVA-style models write
+    ("B", "B"), ("b", "B"), ("B.", "B"), ("(C)", "C"), ("D)", "D"), ("A: red", "A"), ("C. a blue square", "C"),
+    ("The answer is B.", "B"), ("The answer is (D).", "D"), ("Answer: C", "C"), ("answer: (a)", "A"),
+    ("The correct answer is A, the red circle.", "A"), ("the answer is c.", "C"), ("The answer is d", "D"),
+    # markdown, leading phrases, explanations after the letter
+    ("**B**", "B"), ("**B.** blue", "B"), ("The answer is **C**.", "C"), ("`A`", "A"), ("__D__", "D"),
+    ("Option A", "A"), ("option (B)", "B"), ("Option C: green", "C"), ("Option D is correct.", "D"),
+    ("I think B", "B"), ("I think B is right.", "B"), ("I think it is C.", "C"), ("I think the answer is (A)", "A"),
+    ("B\n\nBecause the shape has four sides.", "B"), ("C.\nThe circle is green.", "C"), ("  A  \n", "A"),
+    ("(B) blue\nIt is the only blue shape.", "B"), ("B\nThe answer is B.", "B"),
+    ("The answer is B. The answer is B.", "B"),  # the same letter twice is one answer
+    ("The correct option is D.", "D"), ("Answer:B", "B"), ("**A** or **B**? The answer is B.", "B"),
+    # conflicting letters: unparsable
+    ("The answer is A. The answer is B.", None), ("A. The answer is C.", None), ("B\n\nThe answer is D.", None),
+    ("Answer: A\nAnswer: C", None), ("(A) red. The answer is (B).", None),
+    ("I think A. The answer is B.", None), ("Option B. The correct answer is C.", None),
+    # no letter, an article, a word, beyond the options
+    ("", None), ("A dog is sitting on a mat.", None), ("a red circle", None), ("The answer is a dog.", None),
+    ("I think A dog is there", None), ("BLUE", None), ("AB", None), ("A, B", None), ("B.C", None),
+    ("The answer is E.", None), ("E", None), ("Option E", None), ("I don't know.", None),
+    ("The picture shows a blue square.", None), ("It is the third one.", None), ("answer", None),
+    ("The answer is Bob.", None),
+]
+
+
+def test_parse_choice_table():
+    """At least 50 outputs: the forms of the issue (lower-case "the answer is c.", "**B**", "Option A",
+    "I think B", "B\\n\\nBecause ..."), conflicting letters unparsable, articles and words not letters."""
+    assert len(PARSE_TABLE) >= 50 and len({text for text, _ in PARSE_TABLE}) == len(PARSE_TABLE)
+    wrong = [(text, metrics.parse_choice(text, 4), expected) for text, expected in PARSE_TABLE
+             if metrics.parse_choice(text, 4) != expected]
+    assert not wrong, "\n".join(f"{text!r}: got {got}, expected {expected}" for text, got, expected in wrong)
+
+
+def test_test_records_are_single_turn():
+    """Evaluation stays single-turn: a test record with a second exchange is an error naming it."""
+    turns = [{"from": "human", "value": "<image>\nWhich?\nA. x\nB. y"}, {"from": "gpt", "value": "A"}]
+    record = {"id": "q1", "image": "x.png", "answer": "A", "conversations": turns}
+    assert evaluate.validate_test_records([record], "choice", "test.json")[0]["question"] == "Which?\nA. x\nB. y"
+    with pytest.raises(ValueError, match=r"test.json record 0 \(id 'q1'\): 4 turns; evaluation is single-turn"):
+        evaluate.validate_test_records([{**record, "conversations": turns * 2}], "choice", "test.json")
 
 
 def test_parse_choice_rejects_bad_n_options():

@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from conftest import write_sentencepiece_folder
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
@@ -153,13 +154,15 @@ def test_freeze_groups(tiny):
         models.freeze_for_finetuning(mllm, tune_last_layers=len(mllm.decoder_layers) + 1)
 
 
+@pytest.mark.parametrize("order", ["vila1.5", "nvila"])
 @pytest.mark.parametrize("side", [27, 5, 4, 1])
-def test_downsample_token_order(side):
-    """Output token (i, j) of the half-size grid = [x(2i,2j), x(2i,2j+1), x(2i+1,2j), x(2i+1,2j+1)],
-    zeros where the odd grid was padded; tokens row-major. 27 x 27 -> 196."""
+def test_downsample_token_order(side, order):
+    """Block (i, j) of the half-size grid = [x(2i,2j), x(2i,2j+1), x(2i+1,2j), x(2i+1,2j+1)], zeros where
+    the odd grid was padded; it is output token i * h + j ("nvila", row-major) or j * h + i ("vila1.5",
+    column-major). 27 x 27 -> 196."""
     batch, channels = 2, 3
     features = torch.randn(batch, side * side, channels)  # (B, g*g, C)
-    out = models.DownSample2x2()(features)
+    out = models.DownSample2x2(order)(features)
     half = (side + 1) // 2
     assert out.shape == (batch, half * half, 4 * channels)
     if side == 27:
@@ -170,7 +173,67 @@ def test_downsample_token_order(side):
                 for k, (di, dj) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
                     r, c = 2 * i + di, 2 * j + dj
                     expected = features[b, r * side + c] if r < side and c < side else torch.zeros(channels)
-                    assert torch.equal(out[b, i * half + j, k * channels:(k + 1) * channels], expected), (b, i, j, k)
+                    token = i * half + j if order == "nvila" else j * half + i
+                    assert torch.equal(out[b, token, k * channels:(k + 1) * channels], expected), (b, i, j, k)
+
+
+# Hand-worked grids (one channel, so a token is its 4 values). 4 x 4 with x(r, c) = 10 r + c; blocks
+# (i, j) of the 2 x 2 half grid: b00 = [0, 1, 10, 11], b01 = [2, 3, 12, 13], b10 = [20, 21, 30, 31],
+# b11 = [22, 23, 32, 33]. 3 x 3 with x(r, c) = 1 + 3 r + c, zero-padded to 4 x 4 (column 3, row 3):
+#   1 2 3 0 / 4 5 6 0 / 7 8 9 0 / 0 0 0 0  ->  b00 = [1, 2, 4, 5], b01 = [3, 0, 6, 0], b10 = [7, 8, 0, 0],
+# b11 = [9, 0, 0, 0]. "vila1.5" emits b00, b10, b01, b11 (column by column); "nvila" b00, b01, b10, b11.
+HAND_WORKED = {
+    (4, "vila1.5"): [[0, 1, 10, 11], [20, 21, 30, 31], [2, 3, 12, 13], [22, 23, 32, 33]],
+    (4, "nvila"): [[0, 1, 10, 11], [2, 3, 12, 13], [20, 21, 30, 31], [22, 23, 32, 33]],
+    (3, "vila1.5"): [[1, 2, 4, 5], [7, 8, 0, 0], [3, 0, 6, 0], [9, 0, 0, 0]],
+    (3, "nvila"): [[1, 2, 4, 5], [3, 0, 6, 0], [7, 8, 0, 0], [9, 0, 0, 0]],
+}
+
+
+@pytest.mark.parametrize("side, order", list(HAND_WORKED))
+def test_downsample_hand_worked_grids(side, order):
+    """Both block orders, element by element, on the grids worked out above; the default is "vila1.5"."""
+    values = [10 * r + c for r in range(4) for c in range(4)] if side == 4 else list(range(1, 10))
+    features = torch.tensor(values, dtype=torch.float32).reshape(1, side * side, 1)  # (1, g*g, 1)
+    out = models.DownSample2x2(order)(features)  # (1, 4, 4)
+    assert out[0].tolist() == HAND_WORKED[side, order]
+    if order == "vila1.5":
+        assert models.DownSample2x2()(features)[0].tolist() == HAND_WORKED[side, order]
+
+
+def upstream_flat_square(x, final_permute):
+    """Our transcription of VILA's `DownSampleBlock.flat_square` (NVlabs/VILA,
+    llava/model/multimodal_projector/base_projector.py): x (n, rows, cols, c); zero row below an odd
+    number of rows, zero column right of an odd number of columns; view the columns in pairs (n, rows,
+    cols/2, 2c); swap the two grid axes; view the rows in pairs (n, cols/2, rows/2, 4c). Commit 1c88211
+    (2024-05-13) stops here (54c9706, 2024-08-19, is the same); commit 36f6adc (2024-12-12) swaps the two
+    grid axes once more (final_permute=True). The caller flattens the grid row-major."""
+    n, rows, cols, c = x.shape
+    if rows % 2:
+        x = torch.cat([x, x.new_zeros(n, 1, cols, c)], 1)
+        rows += 1
+    if cols % 2:
+        x = torch.cat([x, x.new_zeros(n, rows, 1, c)], 2)
+        cols += 1
+    x = x.reshape(n, rows, cols // 2, 2 * c).transpose(1, 2).contiguous()
+    x = x.reshape(n, cols // 2, rows // 2, 4 * c)
+    return x.transpose(1, 2).contiguous() if final_permute else x
+
+
+@pytest.mark.parametrize("side", [27, 6, 5, 1])
+def test_downsample_equals_upstream_transcription(side):
+    """"vila1.5" equals VILA's flat_square at 1c88211/54c9706, "nvila" at 36f6adc, on random grids
+    (27 x 27: SigLIP-so400m-384); the two differ by a transpose of the half-size grid."""
+    features = torch.randn(2, side * side, 5)  # (B, g*g, C)
+    grid = features.reshape(2, side, side, 5)
+    for order, final_permute in (("vila1.5", False), ("nvila", True)):
+        expected = upstream_flat_square(grid, final_permute).reshape(2, -1, 20)  # (B, h*h, 4C)
+        assert torch.equal(models.DownSample2x2(order)(features), expected), order
+    half = (side + 1) // 2
+    vila15 = models.DownSample2x2("vila1.5")(features).reshape(2, half, half, 20)
+    assert torch.equal(vila15.transpose(1, 2), models.DownSample2x2("nvila")(features).reshape(2, half, half, 20))
+    with pytest.raises(ValueError, match="order must be one of"):
+        models.DownSample2x2("row-major")
 
 
 def test_downsample_projector_keys_and_shapes():
@@ -391,6 +454,48 @@ def test_vila_folder_load_save_reload_bit_exact(tmp_path):
                            again.model(input_ids=ids, pixel_values=pixel_values).logits)
 
 
+def test_vila_downsample_order_from_projector_config_or_flag(tmp_path):
+    """mm_projector_type "mlp_downsample" loads with the VILA1.5 order, "mlp_downsample_2x2_fix" with the
+    NVILA one; downsample_order= overrides; a saved folder names its order and reloads with it."""
+    source = tmp_path / "vila"
+    write_vila_folder(source)
+    assert models.load_model(str(source)).model.mm_projector.order == "vila1.5"
+    nvila = models.load_model(str(source), downsample_order="nvila")
+    assert nvila.model.mm_projector.order == "nvila"
+    nvila.save(str(tmp_path / "saved"))
+    saved_type = json.load(open(tmp_path / "saved" / "mm_projector" / "config.json"))["mm_projector_type"]
+    assert saved_type == "mlp_downsample_2x2_fix"
+    assert models.load_model(str(tmp_path / "saved")).model.mm_projector.order == "nvila"
+    assert models.load_model(str(tmp_path / "saved"), downsample_order="vila1.5").model.mm_projector.order == "vila1.5"
+    with pytest.raises(ValueError, match="downsample_order must be"):
+        models.load_model(str(source), downsample_order="columns")
+
+
+def test_vila_folder_with_only_tokenizer_model(tmp_path):
+    """A VILA llm/ folder with only tokenizer.model (VILA's trainer saves a slow tokenizer) loads with the
+    SentencePiece-exact tokenizer, the image token outside its vocabulary; save writes tokenizer.model back
+    (no tokenizer.json, no <image>) and the reload tokenizes the same."""
+    from sentencepiece_tokenizer import SentencePieceTokenizer
+
+    source, saved = tmp_path / "vila", tmp_path / "saved"
+    write_vila_folder(source)
+    for name in os.listdir(source / "llm"):
+        if name.startswith(("tokenizer", "special_tokens")):
+            os.remove(source / "llm" / name)
+    sp = write_sentencepiece_folder(source / "llm")
+    mllm = models.load_model(str(source))
+    assert isinstance(mllm.tokenizer, SentencePieceTokenizer)
+    assert mllm.image_token_id == sp.get_piece_size() and mllm.pad_token_id == 0
+    text = "What  is  it?"
+    assert mllm.tokenizer(text).input_ids == [1] + sp.encode(text)
+    mllm.save(str(saved))
+    assert (saved / "llm" / "tokenizer.model").is_file() and not (saved / "llm" / "tokenizer.json").exists()
+    assert json.load(open(saved / "llm" / "tokenizer_config.json"))["tokenizer_class"] == "LlamaTokenizer"
+    again = models.load_model(str(saved))
+    assert again.image_token_id == mllm.image_token_id
+    assert again.tokenizer(text).input_ids == mllm.tokenizer(text).input_ids
+
+
 def test_tiny_vila_saves_as_vila_folder(tmp_path):
     mllm = models.load_model("tiny-vila")
     mllm.save(str(tmp_path))
@@ -426,7 +531,7 @@ def test_bad_folders(tmp_path):
         models.load_model(str(vila))
     json.dump({"mm_projector_type": "mlp2x_gelu"}, open(vila / "mm_projector" / "config.json", "w"))
     save_file({"layers.0.weight": torch.zeros(1)}, str(vila / "mm_projector" / "model.safetensors"))
-    with pytest.raises(ValueError, match="mlp2x_gelu.*mlp_downsample"):
+    with pytest.raises(ValueError, match="mlp2x_gelu.*supported.*mlp_downsample"):
         models.load_model(str(vila))
     os.rename(vila / "vision_tower", vila / "vision")
     with pytest.raises(FileNotFoundError, match="vision_tower/config.json"):

@@ -267,6 +267,7 @@ def test_nan_logits_stop_the_run_with_step_batch_and_checkpoint(synthetic_data_d
     (dict(train=["caption:x=/no/such/file.json"]), "does not exist"),
     (dict(train=["captions=/no/such/file.json"]), "TASK:NAME=PATH"),
     (dict(epochs=0), "--epochs 0"),
+    (dict(vila_downsample_order="columns"), "--vila-downsample-order 'columns'"),
     (dict(bogus_field=1), "unknown config fields ['bogus_field']"),
 ])
 def test_bad_config_values_are_clear_errors(overrides, words, tmp_path):
