@@ -119,13 +119,13 @@ class TrainConfig:
                                         "paper freezes it)")
 
 
-BASE_EPOCHS = 5  # the embedded default's base pre-training (testbed.py), see pretrain_base_model
+BASE_EPOCHS = 3  # the embedded default's base pre-training (testbed.py), see pretrain_base_model
 BASE_LR = 1e-3  # its learning rate (every part of the tiny model)
 BASE_TOWER_EPOCHS = 12  # stage 1: the vision tower alone (testbed.pretrain_vision_tower)
 PRESETS = {
     # A tiny random-weight model learns the synthetic set from scratch: all layers, larger lr.
     # A tiny random-weight model is first "pre-trained" (base_epochs), then fine-tuned as in the paper.
-    "embedded": dict(model="small-llava", base_epochs=BASE_EPOCHS, epochs=5, batch_size=16, micro_batch_size=16,
+    "embedded": dict(model="tiny-llava", base_epochs=BASE_EPOCHS, epochs=5, batch_size=16, micro_batch_size=16,
                      lr_llm=1e-3, lr_connector=1e-3, tune_last_layers=2, max_length=256, warmup_ratio=0.05,
                      out_dir="runs/embedded", eval_max_new_tokens=24, eval_noisy_final=True),
     "llava": dict(lr_llm=2e-4, lr_connector=2e-5, batch_size=16, epochs=3, tune_last_layers=2),
