@@ -258,7 +258,7 @@ def write_testbed(root, seed: int = 0, k: int = 500, n_test: int = 300, n_pretra
     """Write the whole world for one seed (skipped when ROOT/.complete says it is already there)."""
     root = Path(root)
     stamp = root / ".complete"
-    wanted = {"seed": seed, "k": k, "n_test": n_test, "n_pretrain": n_pretrain}
+    wanted = {"world_version": WORLD_VERSION, "seed": seed, "k": k, "n_test": n_test, "n_pretrain": n_pretrain}
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         return {}
     files = {**write_pretraining(root, n_pretrain, seed), **write_downstream(root, k, n_test, seed)}
@@ -381,6 +381,15 @@ def _scene_from_caption(caption: str) -> dict:
             raise ValueError(f"testbed: pre-training caption {caption!r} names {kind} {len(hits)} times")
         scene[kind] = hits[0]
     return scene
+
+
+def ensure_world(root, seed: int = 0) -> bool:
+    """Write the world into ROOT unless it is there for this seed and WORLD_VERSION; a folder of other data
+    (train_caption.json without our stamp) is left alone. Returns True when something was written."""
+    root = Path(root)
+    if (root / "train_caption.json").exists() and not (root / ".complete").exists():
+        return False
+    return bool(write_testbed(root, seed=seed))
 
 
 def tokenizer_texts() -> list[str]:

@@ -273,12 +273,10 @@ def build_dataset(cfg: TrainConfig, mllm, rank: int, world: int):
         image_folder = cfg.image_folder or str(Path(sources[0][2]).parent)
     else:
         root = Path(cfg.data_dir)
-        if not (root / "train_caption.json").exists():
-            if rank == 0:
-                print(f"writing the testbed world (seed {cfg.seed}) in {root}")
-                testbed.write_testbed(root, seed=cfg.seed)
-            if world > 1:
-                dist.barrier()
+        if rank == 0 and testbed.ensure_world(root, seed=cfg.seed):
+            print(f"wrote the testbed world (seed {cfg.seed}) in {root}")
+        if world > 1:
+            dist.barrier()
         sources = [("caption", "synthetic-caption", str(root / "train_caption.json")),
                    ("choice", "synthetic-choice", str(root / "train_choice.json"))]
         image_folder = cfg.image_folder or str(root)
@@ -448,9 +446,8 @@ def pretrain_base_model(cfg: TrainConfig, rank: int, world: int, device) -> Path
     root = Path(cfg.data_dir)
     name = f"base-{cfg.model}-testbed{testbed.WORLD_VERSION}-seed{cfg.seed}-e{cfg.base_epochs}"
     base_dir = Path(cfg.out_dir).parent / name
-    if rank == 0 and not (root / "pretrain" / "train_caption.json").exists():
-        print(f"writing the testbed world (seed {cfg.seed}) in {root}")
-        testbed.write_testbed(root, seed=cfg.seed)
+    if rank == 0 and testbed.write_testbed(root, seed=cfg.seed):
+        print(f"wrote the testbed world (seed {cfg.seed}) in {root}")
     if world > 1:
         dist.barrier()
     if not (base_dir / "final" / "config.json").exists():
