@@ -446,8 +446,11 @@ def pretrain_base_model(cfg: TrainConfig, rank: int, world: int, device) -> Path
     root = Path(cfg.data_dir)
     name = f"base-{cfg.model}-testbed{testbed.WORLD_VERSION}-seed{cfg.seed}-e{cfg.base_epochs}"
     base_dir = Path(cfg.out_dir).parent / name
-    if rank == 0 and testbed.write_testbed(root, seed=cfg.seed):
+    if rank == 0 and testbed.ensure_world(root, seed=cfg.seed):
         print(f"wrote the testbed world (seed {cfg.seed}) in {root}")
+    if not (root / "pretrain" / "train_caption.json").is_file():
+        raise ValueError(f"--base-epochs pre-trains on the testbed world, but --data-dir {root} holds other data "
+                         "(no pretrain/ corpus): pass an empty or testbed --data-dir")
     if world > 1:
         dist.barrier()
     if not (base_dir / "final" / "config.json").exists():
