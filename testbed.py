@@ -63,7 +63,8 @@ COUNTS = ("one", "two", "three")
 POSITIONS = ("left", "right", "top", "bottom")
 SIZES = ("small", "large")
 ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "count": COUNTS, "position": POSITIONS, "size": SIZES}
-WORLD_VERSION = 3  # part of the cached base model's folder name: bump it when the world changes
+WORLD_VERSION = 4  # in the world's stamp: bump it when anything the generator writes changes
+PRETRAIN_VERSION = 3  # in the cached base model's folder name: bump it when the pre-training corpus changes
 IMAGE_SIDE = 64
 
 # Pre-training captions: a plain, alt-text-like register.
@@ -99,6 +100,10 @@ DOWNSTREAM_QUESTION_KINDS = ("colour", "shape", "count", "position")  # size has
 # How human the downstream training captions are (fixed before any method was compared, see README).
 P_UNGROUNDED = 0.5  # share of training captions with an ungrounded detail
 P_SLIP = 0.15  # share of training captions with one attribute (count or size) written wrong
+# A language prior that conflicts with the image: in the fine-tuning captions people call circles large and
+# squares and triangles small most of the time, whatever their size; test references follow the picture.
+SIZE_PRIOR = {"circle": "large", "square": "small", "triangle": "small"}
+P_PRIOR = 0.75
 QUESTIONS_PER_PRETRAIN_IMAGE = 1
 
 
@@ -144,9 +149,11 @@ def scene_captions(scene: dict) -> list[str]:
 
 
 def human_caption(scene: dict, rng: random.Random) -> str:
-    """One training caption as a person writes it: a phrasing of their own, often an ungrounded detail,
-    sometimes a slip in the count or size. Returns the caption text."""
+    """One training caption as a person writes it: a phrasing of their own, the size its shape usually
+    "has" (SIZE_PRIOR, P_PRIOR), often an ungrounded detail, sometimes a slip in the count or size."""
     written = dict(scene)
+    if rng.random() < P_PRIOR:
+        written["size"] = SIZE_PRIOR[scene["shape"]]
     if rng.random() < P_SLIP:
         kind = rng.choice(("count", "size"))
         written[kind] = rng.choice([v for v in ATTRIBUTES[kind] if v != scene[kind]])

@@ -444,7 +444,7 @@ def pretrain_base_model(cfg: TrainConfig, rank: int, world: int, device) -> Path
     if cfg.model not in models.BUILT_IN:
         raise ValueError(f"--base-epochs is for the tiny models; {cfg.model!r} is already pre-trained")
     root = Path(cfg.data_dir)
-    name = f"base-{cfg.model}-testbed{testbed.WORLD_VERSION}-seed{cfg.seed}-e{cfg.base_epochs}"
+    name = f"base-{cfg.model}-testbed{testbed.PRETRAIN_VERSION}-seed{cfg.seed}-e{cfg.base_epochs}"
     base_dir = Path(cfg.out_dir).parent / name
     if rank == 0 and testbed.ensure_world(root, seed=cfg.seed):
         print(f"wrote the testbed world (seed {cfg.seed}) in {root}")
@@ -476,7 +476,7 @@ def pretrain_base_model(cfg: TrainConfig, rank: int, world: int, device) -> Path
         _train(base, rank, world, device)
         if world > 1:
             dist.barrier()
-    report = base_dir / "gates.json"
+    report = base_dir / f"gates-world{testbed.WORLD_VERSION}.json"  # on this world's test split
     if rank == 0 and not report.is_file():
         mllm = models.load_model(str(base_dir / "final"), device=device)
         report.write_text(json.dumps(testbed.gates(testbed.model_answerer(mllm, root), root), indent=2) + "\n")

@@ -35,6 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import testbed  # noqa: E402
 from reporting import epoch_evals  # noqa: E402
 
 METHODS = ("full", "l2", "grafting", "random-mask", "magnitude-mask", "nrca", "spider", "mi-consistency")
@@ -251,7 +252,7 @@ def main(argv=None) -> None:
     gates = []
     for seed in args.seeds:
         config = json.loads((out / f"seed{seed}" / "full" / "config.json").read_text())
-        rows = json.loads((Path(config["model"]).parent / "gates.json").read_text())
+        rows = json.loads((Path(config["model"]).parent / f"gates-world{testbed.WORLD_VERSION}.json").read_text())
         gates.append(f"seed {seed}: " + "; ".join(f"{r['gate']} {r['value']:.1f} % (needs >= {r['threshold']:.1f})"
                                                  for r in rows))
     timing = json.loads((out / "seconds.json").read_text()) if (out / "seconds.json").is_file() else {}

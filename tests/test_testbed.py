@@ -132,15 +132,21 @@ def test_every_reference_and_answer_follows_from_the_picture(world):
 
 
 def test_training_captions_are_human(tmp_path):
-    """Downstream training captions: one of the reference phrasings, an ungrounded detail about half the time,
-    a slip in count or size ~15 % of the time; every answer letter occurs."""
+    """Downstream training captions: one of the reference phrasings, the shape's usual size 75 % of the time,
+    an ungrounded detail about half the time, a slip in count or size ~15 % of the time; every letter occurs."""
     testbed.write_downstream(tmp_path, k=400, n_test=1, seed=0)
     captions = [r["conversations"][1]["value"] for r in json.loads((tmp_path / "train_caption.json").read_text())]
     with_detail = sum(any(d in c for d in testbed.UNGROUNDED_DETAILS) for c in captions) / len(captions)
     assert 0.4 < with_detail < 0.6
-    slips = sum(_words(c) != read_scene(tmp_path / r["image"]) for c, r in
-                zip(captions, json.loads((tmp_path / "train_caption.json").read_text()), strict=True)) / len(captions)
-    assert 0.08 < slips < 0.22
+    records = json.loads((tmp_path / "train_caption.json").read_text())
+    scenes = [read_scene(tmp_path / r["image"]) for r in records]
+    words = [_words(c) for c in captions]
+    count_slips = sum(w["count"] != s["count"] for w, s in zip(words, scenes, strict=True)) / len(captions)
+    assert 0.03 < count_slips < 0.13  # P_SLIP / 2 of the captions get a wrong count
+    prior = sum(w["size"] == testbed.SIZE_PRIOR[s["shape"]] for w, s in zip(words, scenes, strict=True)) / len(words)
+    assert prior > 0.8  # the language prior (75 %, plus the pictures that agree with it)
+    grounded = sum(w["size"] == s["size"] for w, s in zip(words, scenes, strict=True)) / len(words)
+    assert 0.45 < grounded < 0.75  # so the size word often contradicts the picture
     letters = Counter(r["conversations"][1]["value"] for r in json.loads((tmp_path / "train_choice.json").read_text()))
     assert set(letters) == {"A", "B", "C", "D", "E"} and min(letters.values()) > 10
 
