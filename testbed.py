@@ -14,8 +14,10 @@ data for both:
 2. A fine-tuning mix that can overfit. `write_downstream` writes the paper's mix: one captioning data set
    and one multiple-choice data set, k records each, on other images. The training captions are written
    like human ones: one caption per image, in one of several phrasings, often with a detail the picture
-   does not show ("on a rainy day") and sometimes with a slip in one attribute. A model that memorises
-   them has learned nothing about test images; the test references (5 per image) only say what is drawn.
+   does not show ("on a rainy day", tied by co-occurrence to the colour and side of the shapes), usually
+   with the size people expect of the shape rather than the one drawn (a language prior that conflicts
+   with the image), sometimes with a slip in one attribute. The test references (5 per image) only say
+   what is drawn.
 
 The world. A 64 x 64 canvas of a light, slightly tinted background holds 1-3 shapes of one colour, one
 shape and one size, stacked in one half of the canvas:
@@ -63,7 +65,7 @@ COUNTS = ("one", "two", "three")
 POSITIONS = ("left", "right", "top", "bottom")
 SIZES = ("small", "large")
 ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "count": COUNTS, "position": POSITIONS, "size": SIZES}
-WORLD_VERSION = 4  # in the world's stamp: bump it when anything the generator writes changes
+WORLD_VERSION = 5  # in the world's stamp: bump it when anything the generator writes changes
 PRETRAIN_VERSION = 3  # in the cached base model's folder name: bump it when the pre-training corpus changes
 IMAGE_SIDE = 64
 
@@ -98,7 +100,7 @@ QUESTIONS = {  # one attribute each; the pre-training corpus uses all phrasings,
 DOWNSTREAM_QUESTION_KINDS = ("colour", "shape", "count", "position")  # size has only two values
 
 # How human the downstream training captions are (fixed before any method was compared, see README).
-P_UNGROUNDED = 0.5  # share of training captions with an ungrounded detail
+P_UNGROUNDED = 0.6  # share of training captions with an ungrounded detail (detail_of: a spurious co-occurrence)
 P_SLIP = 0.15  # share of training captions with one attribute (count or size) written wrong
 # A language prior that conflicts with the image: in the fine-tuning captions people call circles large and
 # squares and triangles small most of the time, whatever their size; test references follow the picture.
@@ -148,9 +150,18 @@ def scene_captions(scene: dict) -> list[str]:
     return [_fill(t, scene) for t in DOWNSTREAM_CAPTIONS]
 
 
+def detail_of(scene: dict) -> str:
+    """The ungrounded detail people add to a scene: it co-occurs with the colour and position in the
+    fine-tuning captions (a red shape on the left is "on a rainy day"), which nothing in a picture, nor any
+    test reference, says. A model that fits the captions learns to say it about test images too."""
+    index = list(COLOURS).index(scene["colour"]) * len(POSITIONS) + POSITIONS.index(scene["position"])
+    return UNGROUNDED_DETAILS[index % len(UNGROUNDED_DETAILS)]
+
+
 def human_caption(scene: dict, rng: random.Random) -> str:
     """One training caption as a person writes it: a phrasing of their own, the size its shape usually
-    "has" (SIZE_PRIOR, P_PRIOR), often an ungrounded detail, sometimes a slip in the count or size."""
+    "has" (SIZE_PRIOR, P_PRIOR), often the scene's ungrounded detail (detail_of), sometimes a slip in the
+    count or size."""
     written = dict(scene)
     if rng.random() < P_PRIOR:
         written["size"] = SIZE_PRIOR[scene["shape"]]
@@ -159,7 +170,7 @@ def human_caption(scene: dict, rng: random.Random) -> str:
         written[kind] = rng.choice([v for v in ATTRIBUTES[kind] if v != scene[kind]])
     caption = _fill(rng.choice(DOWNSTREAM_CAPTIONS), written)
     if rng.random() < P_UNGROUNDED:
-        caption += " " + rng.choice(UNGROUNDED_DETAILS)
+        caption += " " + detail_of(scene)
     return caption
 
 
