@@ -166,9 +166,9 @@ class HFMLLM:
     def _reply_ids(self, answer: str, question: str = "?") -> list[int]:
         prompt, full = self.render(question), self.render(question, answer)
         if not full.startswith(prompt):
-            raise ValueError("hf_models: the chat template's assistant turn does not extend its generation prompt "
-                             f"(prompt ends {prompt[-40:]!r}, the conversation reads {full[len(prompt) - 40:][:80]!r}); "
-                             "labels cannot be placed through this template")
+            raise ValueError("hf_models: the chat template's assistant turn does not extend its generation "
+                             f"prompt (prompt ends {prompt[-40:]!r}, the conversation reads "
+                             f"{full[len(prompt) - 40:][:80]!r}): labels cannot be placed through this template")
         reply = full[len(prompt):].rstrip()  # trailing "\n" after the end-of-turn token: not labelled
         if answer.strip() not in reply:
             raise ValueError(f"hf_models: the chat template dropped the answer text {answer!r} from the assistant turn")

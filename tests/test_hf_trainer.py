@@ -5,13 +5,13 @@ Run: TRITON_INTERPRET=1 python -m pytest -q tests/test_hf_trainer.py   (about 15
 """
 
 import pytest
+import tiny_hf
 import torch
 from transformers import TrainingArguments
 
 import data
 import hf_models
 import models
-import tiny_hf
 import train
 from hf_trainer import NRCATrainer
 from methods import get_method, model_forward
