@@ -126,10 +126,11 @@ def build(family: str, seed: int = 0) -> hf_models.HFMLLM:
 
 def generic_llava(mllm: models.MLLM) -> hf_models.HFMLLM:
     """models.py's tiny LLaVA-1.5 behind the generic path: the same model object, a LlavaProcessor from its
-    tokenizer and CLIP image processor, and the vicuna_v1 template."""
+    tokenizer and CLIP image processor (CLIP's CLS counted as llava-hf's processor_config does, then dropped by
+    the "default" feature strategy: 36 image tokens), and the vicuna_v1 template."""
     config = mllm.model.config
     processor = LlavaProcessor(image_processor=mllm.image_processor, tokenizer=mllm.tokenizer,
-                               patch_size=config.vision_config.patch_size,
+                               patch_size=config.vision_config.patch_size, num_additional_image_tokens=1,  # CLS
                                vision_feature_select_strategy=config.vision_feature_select_strategy,
                                chat_template=VICUNA_TEMPLATE)
     return hf_models.HFMLLM(mllm.model, processor)
