@@ -278,8 +278,9 @@ def freeze(mllm: HFMLLM, tune_last_layers: int = 2, tune_connector: bool = True)
 
 def merge_images(parts: list[dict], left: bool = False) -> dict:
     """Per-sample image dicts (leading dim 1) -> one batch dict. Packed patches (Qwen2-VL) are concatenated
-    along the patch axis; tiled layouts (B, n_tiles, C, H, W) are zero-padded to the most tiles (the models
-    drop all-zero tiles); token-aligned extras are padded like input_ids."""
+    along the patch axis; tiled layouts (1, n_tiles, C, H, W) and Idefics3's pixel_attention_mask are
+    zero-padded to the largest n_tiles, H and W (what the processors do in a batched call: the models drop
+    all-zero tiles and mask zero pixels); token-aligned extras are padded like input_ids."""
     keys = set(parts[0])
     for part in parts:
         if set(part) != keys:
@@ -288,15 +289,19 @@ def merge_images(parts: list[dict], left: bool = False) -> dict:
     merged = {}
     for key in sorted(keys):
         tensors = [part[key] for part in parts]
+        tiled = "image_grid_thw" not in keys and (key == "pixel_attention_mask" or tensors[0].dim() == 5)
         if key in TOKEN_ALIGNED:
             merged[key] = pad_sequences([t[0] for t in tensors], 0, left=left)  # (B, T)
-        elif key in ("pixel_values", "pixel_attention_mask") and tensors[0].dim() >= 4 and "image_grid_thw" not in keys:
-            most = max(t.shape[1] for t in tensors) if tensors[0].dim() == 5 or key == "pixel_attention_mask" else None
-            if most is not None:  # tiles: (1, n, ...) -> (1, most, ...) with zero tiles
-                tensors = [torch.cat([t, t.new_zeros(1, most - t.shape[1], *t.shape[2:])], 1) for t in tensors]
-            merged[key] = torch.cat(tensors)
+        elif tiled:
+            shape = [max(sizes) for sizes in zip(*(t.shape[1:] for t in tensors), strict=True)]
+            padded = []
+            for t in tensors:
+                out = t.new_zeros(1, *shape)  # (1, n, [C,] H, W)
+                out[(slice(None), *(slice(0, n) for n in t.shape[1:]))] = t
+                padded.append(out)
+            merged[key] = torch.cat(padded)
         else:
-            merged[key] = torch.cat(tensors)  # packed patches, image_grid_thw, image_sizes, batch_num_images
+            merged[key] = torch.cat(tensors)  # packed patches, (B, C, H, W), image_grid_thw, image_sizes, ...
     return merged
 
 

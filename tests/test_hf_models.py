@@ -1,5 +1,5 @@
 """hf_models.py: the generic transformers path on tiny random-weight models of three families (Qwen2-VL,
-LLaVA-OneVision, Idefics3 / SmolVLM; tests/tiny_hf.py builds them, nothing downloaded): chat-template labels,
+LLaVA-OneVision, Idefics3 / SmolVLM; tests/hf_tiny.py builds them, nothing downloaded): chat-template labels,
 the trainable set, a few steps of NRCA and Full FT, save / reload / generate, CIDEr and accuracy; LLaVA-1.5
 through the generic path equals its dedicated path (models.py + data.py); Noisy Visual Mixup per image for
 packed patches and tiles (noise.noisy_mixup_each).
@@ -11,12 +11,12 @@ import json
 from types import SimpleNamespace
 
 import pytest
-import tiny_hf
 import torch
 from PIL import Image
 
 import data
 import hf_models
+import hf_tiny
 import models
 import train
 from methods import get_method, model_forward
@@ -130,9 +130,9 @@ def steps(mllm, method_name, batch, n):
     return losses, metrics
 
 
-@pytest.mark.parametrize("family", tiny_hf.FAMILIES)
+@pytest.mark.parametrize("family", hf_tiny.FAMILIES)
 def test_family_end_to_end(family, synthetic_data_dir, tmp_path):
-    mllm = tiny_hf.build(family)
+    mllm = hf_tiny.build(family)
     train_records = mixed(synthetic_data_dir)
     dataset = hf_models.HFDataset(train_records, synthetic_data_dir, mllm, max_length=512)
     items = [dataset[i] for i in (0, 1, 4, 5)]  # 2 captions, 2 choices
@@ -198,7 +198,7 @@ def test_llava15_generic_path_equals_dedicated_path(synthetic_data_dir):
     """models.py's tiny LLaVA-1.5 with data.py's vicuna_v1 labels vs the same model behind hf_models with the
     vicuna_v1 chat template: same input_ids, labels, pixels and answer-row logits."""
     mllm = models.load_model("tiny-llava")
-    generic = tiny_hf.generic_llava(mllm)
+    generic = hf_tiny.generic_llava(mllm)
     train_records = mixed(synthetic_data_dir)
     dedicated = data.MultiTaskDataset(train_records, synthetic_data_dir, mllm.tokenizer, mllm.preprocess,
                                       mllm.num_image_tokens, mllm.image_token_id, max_length=256)
@@ -222,7 +222,7 @@ def test_llava15_generic_path_equals_dedicated_path(synthetic_data_dir):
 
 
 def test_template_that_does_not_extend_its_prompt_is_rejected():
-    mllm = tiny_hf.build("idefics3")
+    mllm = hf_tiny.build("idefics3")
     mllm.processor.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}<image>Q{% else %}A{% endif %}"
                                     "{% endfor %}{% if add_generation_prompt %}GEN:{% endif %}")  # "GEN:" then no "A"
     with pytest.raises(ValueError, match="does not extend its generation"):
@@ -230,9 +230,27 @@ def test_template_that_does_not_extend_its_prompt_is_rejected():
 
 
 def test_connector_override_and_missing_connector():
-    mllm = tiny_hf.build("idefics3")
+    mllm = hf_tiny.build("idefics3")
     mllm.connector_names = ("nothing.here",)
     with pytest.raises(ValueError, match="connector"):
         hf_models.freeze(mllm)
     mllm.connector_names = ("modality_projection",)
     assert [n for n, _ in mllm.connector_parameters()] == ["model.connector.modality_projection.proj.weight"]
+
+
+def test_merge_images_pads_tiles_and_masks_with_zeros():
+    """Idefics3-style samples with 3 and 2 tiles of different sizes: zero tiles / zero mask where padded."""
+    a = {"pixel_values": torch.ones(1, 3, 3, 8, 8), "pixel_attention_mask": torch.ones(1, 3, 8, 8, dtype=torch.long)}
+    b = {"pixel_values": 2 * torch.ones(1, 2, 3, 8, 6),
+         "pixel_attention_mask": torch.ones(1, 2, 8, 6, dtype=torch.long)}
+    merged = hf_models.merge_images([a, b])
+    assert merged["pixel_values"].shape == (2, 3, 3, 8, 8) and merged["pixel_attention_mask"].shape == (2, 3, 8, 8)
+    assert torch.equal(merged["pixel_values"][0], a["pixel_values"][0])
+    assert torch.equal(merged["pixel_values"][1, :2, :, :, :6], b["pixel_values"][0])
+    assert merged["pixel_values"][1, 2].abs().sum() == 0 and merged["pixel_values"][1, :, :, :, 6:].abs().sum() == 0
+    assert int(merged["pixel_attention_mask"][1].sum()) == 2 * 8 * 6
+    packed = hf_models.merge_images([{"pixel_values": torch.ones(4, 24), "image_grid_thw": torch.tensor([[1, 2, 2]])},
+                                     {"pixel_values": torch.ones(8, 24), "image_grid_thw": torch.tensor([[1, 2, 4]])}])
+    assert packed["pixel_values"].shape == (12, 24) and packed["image_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 4]]
+    with pytest.raises(ValueError, match="different image keys"):
+        hf_models.merge_images([a, {"pixel_values": torch.ones(1, 3, 8, 8)}])

@@ -4,13 +4,15 @@ and HF Trainer trains with it (LLaVA-1.5 batches from data.collate; a Qwen2-VL b
 Run: TRITON_INTERPRET=1 python -m pytest -q tests/test_hf_trainer.py   (about 15 s on 2 CPU cores)
 """
 
+import json
+
 import pytest
-import tiny_hf
 import torch
 from transformers import TrainingArguments
 
 import data
 import hf_models
+import hf_tiny
 import models
 import train
 from hf_trainer import NRCATrainer
@@ -84,7 +86,7 @@ def test_trainer_trains_tiny_llava(synthetic_data_dir, tmp_path):
 
 
 def test_trainer_trains_qwen2_vl_packed_patches(synthetic_data_dir, tmp_path):
-    mllm = tiny_hf.build("qwen2_vl")
+    mllm = hf_tiny.build("qwen2_vl")
     hf_models.freeze(mllm, tune_last_layers=2)
     dataset = hf_models.HFDataset(synthetic_records(synthetic_data_dir), synthetic_data_dir, mllm)
     before = trainable_copy(mllm.model)
@@ -101,3 +103,18 @@ def test_trainer_trains_qwen2_vl_packed_patches(synthetic_data_dir, tmp_path):
 def test_trainer_rejects_methods_with_state():
     with pytest.raises(ValueError, match="random-mask"):
         NRCATrainer(model=torch.nn.Linear(1, 1), nrca={"method": "random-mask"})
+
+
+def test_command_line_trains_saves_and_scores(synthetic_data_dir, tmp_path):
+    """`python hf_trainer.py --model tiny-idefics3 ...`: Trainer steps, OUT/final reloads, eval.json has the scores."""
+    import hf_trainer
+
+    out = tmp_path / "run"
+    args = hf_trainer.parse_args(["--model", "tiny-idefics3", "--data-dir", str(synthetic_data_dir), "--out-dir",
+                                  str(out), "--max-steps", "2", "--batch-size", "4", "--micro-batch-size", "2",
+                                  "--eval-limit", "2", "--eval-max-new-tokens", "4", "--samples-per-dataset", "4"])
+    result = hf_trainer.main(args)
+    assert result["steps"] == 2 and result["cider"] >= 0 and 0 <= result["accuracy"] <= 100
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["method"] == "nrca" and len(saved["caption_predictions"]) == 2
+    assert type(hf_models.load(str(out / "final")).model).__name__ == "Idefics3ForConditionalGeneration"

@@ -1,5 +1,7 @@
-"""Tiny random-weight image-text-to-text models of three current families plus LLaVA-1.5, built from
-transformers configs and the project's tiny byte-level BPE tokenizer (models.build_tiny_tokenizer) with
+"""Tiny random-weight image-text-to-text models of three current families (Qwen2-VL, LLaVA-OneVision,
+Idefics3 / SmolVLM) plus LLaVA-1.5 behind the generic path, for hf_models.py's tests and hf_trainer.py's quick
+start (`--model tiny-qwen2-vl | tiny-llava-onevision | tiny-idefics3`). Built from transformers configs
+and the project's tiny byte-level BPE tokenizer (models.build_tiny_tokenizer) with
 each family's special tokens; nothing is downloaded. Processors use the families' PIL image processors
 (`*ImageProcessorPil`) and hf_models.without_video, so torchvision is never needed.
 
@@ -9,6 +11,9 @@ image goes, the assistant prefix); they are short transcriptions for the tests, 
 - LLaVA-OneVision (Qwen2 LLM): ChatML, the image as "<image>\\n" before the text;
 - Idefics3 / SmolVLM: "<|im_start|>User:<image>{q}<end_of_utterance>\\nAssistant: {a}<end_of_utterance>\\n";
 - LLaVA-1.5: vicuna_v1 exactly as data.py builds it (system prompt, "USER: <image>\\n{q} ASSISTANT: {a}</s>").
+Sizes: hidden 64, 3 decoder layers, 2-layer vision towers, about 0.2M parameters; 16-32 px images.
+
+    python -c "import hf_tiny; print(hf_tiny.build('tiny-qwen2-vl').model)"
 """
 
 import torch
@@ -36,6 +41,7 @@ import models
 from data import SYSTEM_PROMPT
 
 FAMILIES = ["qwen2_vl", "llava_onevision", "idefics3"]
+NAMES = {f"tiny-{family.replace('_', '-')}": family for family in FAMILIES}  # "tiny-qwen2-vl" -> "qwen2_vl"
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             tie_word_embeddings=False)
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
@@ -70,7 +76,8 @@ def tokenizer_with(specials):
 
 
 def build(family: str, seed: int = 0) -> hf_models.HFMLLM:
-    """A seeded tiny model of `family` with its processor, in eval mode."""
+    """A seeded tiny model of `family` ("qwen2_vl" or "tiny-qwen2-vl", ...) with its processor, in eval mode."""
+    family = NAMES.get(family, family)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if family == "qwen2_vl":
@@ -83,13 +90,12 @@ def build(family: str, seed: int = 0) -> hf_models.HFMLLM:
             ids = tokenizer.convert_tokens_to_ids
             config = Qwen2VLConfig(
                 text_config=dict(vocab_size=len(tokenizer), rope_parameters={"rope_type": "default", "rope_theta":
-                                 10000.0, "mrope_section": [2, 2, 4]}, **TEXT),
+                                 10000.0, "mrope_section": [2, 2, 4]}, bos_token_id=tokenizer.bos_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TEXT),
                 vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4,
                                    temporal_patch_size=2, spatial_merge_size=2, mlp_ratio=2),
                 image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-                vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id)
+                vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
             model = Qwen2VLForConditionalGeneration(config)
         elif family == "llava_onevision":
             tokenizer = tokenizer_with(["<|im_start|>", "<|im_end|>", "<video>"])
@@ -120,7 +126,7 @@ def build(family: str, seed: int = 0) -> hf_models.HFMLLM:
                 image_token_id=tokenizer.convert_tokens_to_ids("<image>"), tie_word_embeddings=False)
             model = Idefics3ForConditionalGeneration(config)
         else:
-            raise ValueError(f"tiny_hf.build: unknown family {family!r}; expected one of {FAMILIES} or 'llava'")
+            raise ValueError(f"hf_tiny.build: unknown family {family!r}; expected one of {FAMILIES} or 'llava'")
     return hf_models.HFMLLM(model.eval(), processor)
 
 
