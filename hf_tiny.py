@@ -1,13 +1,14 @@
-"""Tiny random-weight image-text-to-text models of three current families (Qwen2-VL, LLaVA-OneVision,
+"""Tiny random-weight image-text-to-text models of current families (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision,
 Idefics3 / SmolVLM) plus LLaVA-1.5 behind the generic path, for hf_models.py's tests and hf_trainer.py's quick
-start (`--model tiny-qwen2-vl | tiny-llava-onevision | tiny-idefics3`). Built from transformers configs
-and the project's tiny byte-level BPE tokenizer (models.build_tiny_tokenizer) with
-each family's special tokens; nothing is downloaded. Processors use the families' PIL image processors
+start (`--model tiny-qwen2-vl | tiny-qwen2-5-vl | tiny-llava-onevision | tiny-idefics3`). Built from
+transformers configs and the project's tiny byte-level BPE tokenizer (models.build_tiny_tokenizer) with each
+family's special tokens; nothing is downloaded. Processors use the families' PIL image processors
 (`*ImageProcessorPil`) and hf_models.without_video, so torchvision is never needed.
 
 The chat templates follow the layout of each family's released template (roles, turn markers, where the
 image goes, the assistant prefix); they are short transcriptions for the tests, not copies:
-- Qwen2-VL-Instruct: ChatML with a default system turn, the image as <|vision_start|><|image_pad|><|vision_end|>;
+- Qwen2-VL / Qwen2.5-VL Instruct: ChatML with a default system turn, the image as
+  <|vision_start|><|image_pad|><|vision_end|>;
 - LLaVA-OneVision (Qwen2 LLM): ChatML, the image as "<image>\\n" before the text;
 - Idefics3 / SmolVLM: "<|im_start|>User:<image>{q}<end_of_utterance>\\nAssistant: {a}<end_of_utterance>\\n";
 - LLaVA-1.5: vicuna_v1 exactly as data.py builds it (system prompt, "USER: <image>\\n{q} ASSISTANT: {a}</s>").
@@ -26,6 +27,9 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionProcessor,
     LlavaProcessor,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
     Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
@@ -40,7 +44,7 @@ import hf_models
 import models
 from data import SYSTEM_PROMPT
 
-FAMILIES = ["qwen2_vl", "llava_onevision", "idefics3"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava_onevision", "idefics3"]
 NAMES = {f"tiny-{family.replace('_', '-')}": family for family in FAMILIES}  # "tiny-qwen2-vl" -> "qwen2_vl"
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             tie_word_embeddings=False)
@@ -80,23 +84,27 @@ def build(family: str, seed: int = 0) -> hf_models.HFMLLM:
     family = NAMES.get(family, family)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if family == "qwen2_vl":
+        if family in ("qwen2_vl", "qwen2_5_vl"):
             tokenizer = tokenizer_with(["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                                         "<|image_pad|>", "<|video_pad|>"])
             image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 16 * 16, "longest_edge": 32 * 32},
                                                        patch_size=4, temporal_patch_size=2, merge_size=2)
-            processor = hf_models.without_video(Qwen2VLProcessor)(image_processor=image_processor, tokenizer=tokenizer,
-                                                                  chat_template=QWEN_TEMPLATE)
+            qwen25 = family == "qwen2_5_vl"
+            processor = hf_models.without_video(Qwen2_5_VLProcessor if qwen25 else Qwen2VLProcessor)(
+                image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)
             ids = tokenizer.convert_tokens_to_ids
-            config = Qwen2VLConfig(
+            # Qwen2.5-VL's tower: windowed attention (16 px windows = 2 x 2 merged patches) but in its last block.
+            vision = (dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           window_size=16, fullatt_block_indexes=[1]) if qwen25 else
+                      dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2))
+            config = (Qwen2_5_VLConfig if qwen25 else Qwen2VLConfig)(
                 text_config=dict(vocab_size=len(tokenizer), rope_parameters={"rope_type": "default", "rope_theta":
                                  10000.0, "mrope_section": [2, 2, 4]}, bos_token_id=tokenizer.bos_token_id,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TEXT),
-                vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4,
-                                   temporal_patch_size=2, spatial_merge_size=2, mlp_ratio=2),
+                vision_config=dict(patch_size=4, temporal_patch_size=2, spatial_merge_size=2, **vision),
                 image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
                 vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
-            model = Qwen2VLForConditionalGeneration(config)
+            model = (Qwen2_5_VLForConditionalGeneration if qwen25 else Qwen2VLForConditionalGeneration)(config)
         elif family == "llava_onevision":
             tokenizer = tokenizer_with(["<|im_start|>", "<|im_end|>", "<video>"])
             pinpoints = [[16, 16], [16, 32], [32, 16], [32, 32]]

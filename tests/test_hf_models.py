@@ -1,5 +1,5 @@
-"""hf_models.py: the generic transformers path on tiny random-weight models of three families (Qwen2-VL,
-LLaVA-OneVision, Idefics3 / SmolVLM; tests/hf_tiny.py builds them, nothing downloaded): chat-template labels,
+"""hf_models.py: the generic transformers path on tiny random-weight models of four families (Qwen2-VL,
+Qwen2.5-VL, LLaVA-OneVision, Idefics3 / SmolVLM; hf_tiny.py builds them, nothing downloaded): chat-template labels,
 the trainable set, a few steps of NRCA and Full FT, save / reload / generate, CIDEr and accuracy; LLaVA-1.5
 through the generic path equals its dedicated path (models.py + data.py); Noisy Visual Mixup per image for
 packed patches and tiles (noise.noisy_mixup_each).
@@ -149,8 +149,8 @@ def test_family_end_to_end(family, synthetic_data_dir, tmp_path):
     groups = hf_models.freeze(mllm, tune_last_layers=2)
     trainable = {n for n, p in mllm.model.named_parameters() if p.requires_grad}
     connector = {n for n, _ in mllm.connector_parameters()}
-    expected_connector = {"qwen2_vl": "visual.merger.", "llava_onevision": "multi_modal_projector.",
-                          "idefics3": "connector."}[family]
+    expected_connector = {"qwen2_vl": "visual.merger.", "qwen2_5_vl": "visual.merger.",
+                          "llava_onevision": "multi_modal_projector.", "idefics3": "connector."}[family]
     assert connector and all(expected_connector in n or n.endswith("image_newline") for n in connector)
     assert {n for n in trainable if n not in connector} == {
         n for n, _ in mllm.model.named_parameters() if any(f"layers.{k}." in n for k in (1, 2)) and n not in connector
