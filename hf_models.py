@@ -95,7 +95,13 @@ def load_processor(path: str):
     except (ValueError, OSError, ImportError) as error:
         if "video" not in str(error).lower():
             raise
-        name = json.loads(Path(path, "processor_config.json").read_text()).get("processor_class")
+        config_file = Path(path, "processor_config.json")
+        if not config_file.is_file():
+            raise ValueError(f"hf_models.load_processor: AutoProcessor failed on the video part of {path} (torchvision "
+                             "missing?) and there is no local processor_config.json to build the image-only processor "
+                             f"from; install the torchvision matching your torch or download the folder: {error}"
+                             ) from error
+        name = json.loads(config_file.read_text()).get("processor_class")
         if not name or not hasattr(transformers, name):
             raise ValueError(f"hf_models.load_processor: {path}/processor_config.json names no known "
                              f"processor_class ({name!r}); AutoProcessor failed with: {error}") from error
