@@ -17,7 +17,10 @@ Sizes: hidden 64, 3 decoder layers, 2-layer vision towers, about 0.2M parameters
     python -c "import hf_tiny; print(hf_tiny.build('tiny-qwen2-vl').model)"
 """
 
+import math
+
 import torch
+from torch import nn
 from transformers import (
     Idefics3Config,
     Idefics3ForConditionalGeneration,
@@ -134,7 +137,11 @@ def build(family: str, seed: int = 0) -> hf_models.HFMLLM:
                 image_token_id=tokenizer.convert_tokens_to_ids("<image>"), tie_word_embeddings=False)
             model = Idefics3ForConditionalGeneration(config)
         else:
-            raise ValueError(f"hf_tiny.build: unknown family {family!r}; expected one of {FAMILIES} or 'llava'")
+            raise ValueError(f"hf_tiny.build: unknown model {family!r}; expected one of {sorted(NAMES)} or {FAMILIES}")
+        # As models.py's tiny models: a frozen lm_head at the usual init caps every logit near 0, so confidences
+        # (Eq. 4) could never leave ~1/V; rows of norm ~2 let the trainable layers reach confident predictions.
+        nn.init.normal_(model.get_output_embeddings().weight,
+                        std=models.TINY_LM_HEAD_NORM / math.sqrt(TEXT["hidden_size"]))
     return hf_models.HFMLLM(model.eval(), processor)
 
 
