@@ -101,7 +101,10 @@ class NRCATrainer(Trainer):
             if key not in inputs:
                 raise KeyError(f"NRCATrainer.compute_loss: the batch lacks {key!r} (has {sorted(inputs)}); build "
                                "batches with hf_models.HFMLLM.collate or data.collate")
-        batch = {**inputs, "noise_seed": self.next_noise_seed()}
+        # Training: train.py's seed of this micro-batch; evaluation (Trainer.evaluate) must not advance that count.
+        seed = self.next_noise_seed() if model.training else noise_seed(self.nrca.seed, self.state.global_step, 0,
+                                                                        self.args.process_index)
+        batch = {**inputs, "noise_seed": seed}
         loss, metrics = self.nrca_method(model).loss(hf_models.hf_forward(model), batch)
         self.nrca_metrics = {key: float(value) for key, value in metrics.items()}
         return (loss, {"loss": loss}) if return_outputs else loss

@@ -47,6 +47,7 @@ def test_loss_matches_train_py_on_the_same_batch(method, synthetic_data_dir, tmp
     batch = data.collate([dataset[i] for i in (0, 1, 4, 5)], mllm.pad_token_id)  # 2 caption + 2 choice records
     assert {"caption", "choice"} <= set(batch["tasks"])  # open-response and fixed-choice samples
     cfg = train.make_config(method=method, seed=3)
+    mllm.model.train()  # as train.py and Trainer run it
 
     # train.py: the method on model_forward, the noise seed of step 0, micro-batch 0, rank 0
     named = [(n, p) for n, p in mllm.model.named_parameters() if p.requires_grad]
@@ -66,6 +67,8 @@ def test_loss_matches_train_py_on_the_same_batch(method, synthetic_data_dir, tmp
             model_forward(mllm.model), {**batch, "noise_seed": train.noise_seed(3, 0, 1, 0)})
         assert torch.equal(trainer.compute_loss(mllm.model, batch), again)
         assert not torch.equal(again, expected)
+        mllm.model.eval()  # Trainer.evaluate: micro-batch 0's seed, and the training count does not move
+        assert torch.equal(trainer.compute_loss(mllm.model, batch), expected) and trainer._micro == 2
 
 
 def test_trainer_trains_tiny_llava(synthetic_data_dir, tmp_path):
