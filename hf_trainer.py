@@ -106,7 +106,8 @@ class NRCATrainer(Trainer):
                                                                         self.args.process_index)
         batch = {**inputs, "noise_seed": seed}
         loss, metrics = self.nrca_method(model).loss(hf_models.hf_forward(model), batch)
-        self.nrca_metrics = {key: float(value) for key, value in metrics.items()}
+        self.nrca_metrics = {key: float(value) for key, value in metrics.items()
+                             if isinstance(value, (int, float)) or (torch.is_tensor(value) and value.numel() == 1)}
         return (loss, {"loss": loss}) if return_outputs else loss
 
 
