@@ -1,7 +1,7 @@
 """NRCA for any transformers image-text-to-text model: the generic path beside models.py's two paper models.
 
-Anything that `AutoModelForImageTextToText` + `AutoProcessor` load (tested: Qwen2-VL, LLaVA-OneVision,
-Idefics3 / SmolVLM, LLaVA-1.5; see the README's table) is wrapped in `HFMLLM`:
+Anything that `AutoModelForImageTextToText` + `AutoProcessor` load (tested on tiny models: Qwen2-VL,
+Qwen2.5-VL, LLaVA-OneVision, Idefics3 / SmolVLM, LLaVA-1.5; see the README's table) is wrapped in `HFMLLM`:
 
 - Prompts and labels come from the processor's chat template, never from a hand-written one. For one
   (image, question, answer) the template renders the user turn with the generation prompt (`prompt`)
@@ -12,8 +12,9 @@ Idefics3 / SmolVLM, LLaVA-1.5; see the README's table) is wrapped in `HFMLLM`:
   learn to stop. The prompt goes through the processor (which expands the image placeholder into the
   family's image tokens), the reply through the tokenizer alone, and the two are concatenated: the label
   boundary is exact, and generation conditions on exactly the training prompt (LLaVA's piece-wise
-  tokenisation, as data.py does for vicuna_v1). Tokens are never added by the tokenizer itself
-  (`add_special_tokens=False`): as in transformers' own `apply_chat_template`, the template writes BOS.
+  tokenisation, as data.py does for vicuna_v1). Special tokens: the tokenizer adds its own (BOS) to the
+  prompt unless the rendered prompt already starts with the BOS token, the rule of transformers 5.23's
+  `ProcessorMixin.apply_chat_template(tokenize=True)` (llava-hf's template writes no BOS, vicuna_v1's does).
 - Trainable set (paper Sec. 3.1): the connector + the last N decoder layers. The connector is found by
   module name per family (`CONNECTORS`; override with `connector=("name", ...)`), the decoder layers
   through `model.get_decoder().layers`.
@@ -188,8 +189,10 @@ class HFMLLM:
 
     def encode_prompt(self, image: Image.Image, question: str) -> dict:
         """Processor output for the prompt (the image expanded into the family's image tokens), batch of 1."""
-        out = self.processor(text=[self.render(question)], images=[image], return_tensors="pt",
-                             add_special_tokens=False)
+        text = self.render(question)
+        bos = self.tokenizer.bos_token
+        out = self.processor(text=[text], images=[image], return_tensors="pt",
+                             add_special_tokens=not (bos is not None and text.startswith(bos)))
         return dict(out)
 
     def encode(self, image: Image.Image, question: str, answer: str, max_length: int = 4096) -> dict:

@@ -143,6 +143,9 @@ def test_family_end_to_end(family, synthetic_data_dir, tmp_path):
         text = mllm.tokenizer.decode(labelled)
         assert text.strip() == record["answer"] + mllm.tokenizer.convert_ids_to_tokens(int(labelled[-1]))
         assert int(labelled[-1]) in mllm.eos_token_ids
+        # These templates write no BOS, so the tokenizer adds its one (transformers' apply_chat_template rule).
+        assert int(item["input_ids"][0]) == mllm.tokenizer.bos_token_id
+        assert int((item["input_ids"] == mllm.tokenizer.bos_token_id).sum()) == 1
     batch = mllm.collate(items)
 
     # Trainable set: connector (by name) + last 2 decoder layers; the vision tower stays frozen.
