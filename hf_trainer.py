@@ -1,6 +1,6 @@
-"""NRCA inside `transformers.Trainer` (and TRL's trainers, which subclass it): `NRCATrainer`.
+"""NRCA inside `transformers.Trainer`: `NRCATrainer` (TRL's trainers subclass Trainer; combining them is untested).
 
-HF Trainer / TRL users keep their model, data and `TrainingArguments`, swap `Trainer` for `NRCATrainer` and
+HF Trainer users keep their model, data and `TrainingArguments`, swap `Trainer` for `NRCATrainer` and
 get the loss train.py optimises (paper Sec. 3.2, Alg. 1), computed by the same code: methods.py's NRCA (one
 forward of 2B samples, clean and Noisy-Visual-Mixup images with the text shared, Eq. 2), logits only at the
 answer rows (hf_models.hf_forward: `logits_to_keep`), confidence_kernel.py's fused kernel, and nrca.py's
