@@ -110,8 +110,11 @@ class NRCA(Method):
 
     def noisy_pixels(self, batch):
         # Eq. (2a)-(2b); a per-step generator keeps the noise reproducible across resume and ranks.
-        generator = torch.Generator(device=batch["pixel_values"].device)
+        generator = torch.Generator(device=batch["attention_mask"].device)
         generator.manual_seed(int(batch["noise_seed"]))
+        if isinstance(batch["pixel_values"], dict):  # hf_models.py: packed patches / tiles, Eq. (2) per image
+            return self.mllm.noisy_images(batch["pixel_values"], delta=self.cfg.delta, stats=self.cfg.noise_stats,
+                                          generator=generator)
         return noisy_mixup(batch["pixel_values"], delta=self.cfg.delta, stats=self.cfg.noise_stats,
                            generator=generator)
 
@@ -143,7 +146,7 @@ class NRCA(Method):
         logits_mask, targets = answer_positions(batch["labels"])
         logits = forward(batch["attention_mask"].repeat(2, 1), logits_mask.repeat(2, 1),
                          input_ids=batch["input_ids"].repeat(2, 1),
-                         pixel_values=torch.cat([batch["pixel_values"], noisy]))  # (2N, V)
+                         pixel_values=cat_images(batch["pixel_values"], noisy))  # (2N, V)
         confidence, nll = token_confidence(logits, targets.repeat(2))  # (2N,), (2N,)
         n = targets.numel()
         clean = (to_grid(confidence[:n], logits_mask), to_grid(nll[:n], logits_mask), logits_mask)
@@ -172,6 +175,13 @@ class NoisyAugmentedPretraining(Method):
         _, nll, mask = self.token_stats(forward, batch, pixel_values=augmented)
         ce, _, n_empty = self.sample_mean_ce(nll, mask)
         return ce, {"ce": ce.detach(), "n_empty": n_empty}
+
+
+def cat_images(clean, noisy):
+    """[clean; noisy] images along the batch: a (B, C, H, W) tensor, or hf_models.py's dict of image tensors."""
+    if isinstance(clean, dict):
+        return {key: torch.cat([clean[key], noisy[key]]) for key in clean}
+    return torch.cat([clean, noisy])
 
 
 def released_token_stats(forward, batch, pixel_values):

@@ -423,7 +423,8 @@ def _load_folder(path: str, dtype, attn_implementation, downsample_order=None) -
         f"load_model: {path!r} is not a supported checkpoint ({found}). Expected a transformers LLaVA folder "
         "(config.json with model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf; convert original LLaVA with "
         "transformers' convert_llava_weights_to_hf.py) or a VILA1.5 folder (config.json + llm/ + "
-        "vision_tower/ + mm_projector/)"
+        "vision_tower/ + mm_projector/). Other image-text-to-text models (Qwen2-VL, LLaVA-OneVision, Idefics3, ...) "
+        "run through the generic path: hf_models.load / python hf_trainer.py --model PATH"
     )
 
 

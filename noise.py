@@ -96,3 +96,32 @@ def noisy_mixup(
     noise = mu + sigma * standard_normal  # N(mu, sigma^2)
     noisy = delta * noise + (1.0 - delta) * x  # Eq. (2b): noisy part + normal part
     return noisy.to(pixel_values.dtype)
+
+
+def noisy_mixup_each(
+    images: list[torch.Tensor],
+    delta: float = 0.5,
+    stats: str = "image",
+    generator: torch.Generator | None = None,
+) -> list[torch.Tensor]:
+    """Eq. (2a)-(2b) for images whose values do not form a (B, C, H, W) tensor: the packed patches of
+    Qwen2-VL (`image_grid_thw`) or the tiles of LLaVA-NeXT / OneVision and Idefics3. The caller gathers
+    each image's own normalised values into one tensor (any shape; for tiled layouts every real tile
+    of the image, padding left out) and scatters the results back (hf_models.noisy_image_inputs).
+
+    stats="image": mu and sigma over all values of that tensor (one image = one group, so a tiled
+    image gets ONE pair over all its tiles, not one per tile); stats="batch": one pair over all values
+    of all the tensors (the released code). Each tensor goes through `noisy_mixup` unchanged, so the
+    maths, the checks and delta = 0 (an exact copy) are those above. Returns new tensors, same shapes.
+    """
+    if not isinstance(images, (list, tuple)) or not images:
+        raise ValueError(f"noise.noisy_mixup_each: images must be a non-empty list of tensors, got {type(images)}")
+    shapes = [tuple(image.shape) for image in images]
+    if stats == "batch":  # Eq. (2a), released code: one scalar pair over every value of the batch
+        flat = torch.cat([image.reshape(-1) for image in images])  # (sum of numel,)
+        mixed = noisy_mixup(flat.view(1, 1, 1, -1), delta=delta, stats="batch", generator=generator).reshape(-1)
+        return [part.reshape(shape) for part, shape in zip(mixed.split([image.numel() for image in images]),
+                                                            shapes, strict=True)]
+    # Eq. (2a), paper: each image's own statistics, viewed as one (1, 1, 1, n) "image" for noisy_mixup.
+    return [noisy_mixup(image.reshape(1, 1, 1, -1), delta=delta, stats=stats, generator=generator).reshape(shape)
+            for image, shape in zip(images, shapes, strict=True)]

@@ -302,6 +302,12 @@ def epoch_batches(n_items: int, epoch: int, cfg: TrainConfig, rank: int, world: 
     return [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
 
 
+def noise_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """Seed of Eq. (2)'s noise for one micro-batch (also hf_trainer.py's): reproducible across resume, distinct
+    per rank and micro-batch."""
+    return ((seed * 1_000_003 + step) * 64 + micro) * 1024 + rank
+
+
 def load_batch(dataset, indices, pad_token_id, device):
     items = []
     for index in indices:
@@ -559,7 +565,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
                 batch = load_batch(dataset, batches[step_in_epoch * accumulation + micro],
                                    mllm.pad_token_id, device)
                 # Noise seed from (seed, step, micro, rank): reproducible across resume, distinct per rank.
-                batch["noise_seed"] = ((cfg.seed * 1_000_003 + step) * 64 + micro) * 1024 + rank
+                batch["noise_seed"] = noise_seed(cfg.seed, step, micro, rank)
                 ids += batch["ids"]
                 if cfg.diagnose_every:  # the extra backward of --diagnose-every, on its steps only
                     method.diagnose = (gradient_diagnostics(named_params) if (step + 1) % cfg.diagnose_every == 0
