@@ -14,7 +14,8 @@
 #
 # Usage:
 #   scripts/reproduce_table4.sh [OUT_ROOT] [extra train.py flags...]
-#   scripts/reproduce_table4.sh                      # embedded default: synthetic data, tiny-llava, CPU
+#   scripts/reproduce_table4.sh                      # embedded default: the testbed (seed 0), tiny-llava, CPU
+#   (for every method x 3 seeds with mean +- std and the figures, use scripts/reproduce_testbed.py)
 #   scripts/reproduce_table4.sh runs/t4_llava --preset llava --model /ckpt/llava-1.5-7b-hf \
 #       --train caption:flickr30k=/data/flickr30k.json --train choice:scienceqa=/data/sqa.json \
 #       --test caption:flickr30k=/data/flickr30k_test.json --test choice:scienceqa=/data/sqa_test.json \
@@ -28,15 +29,13 @@
 #   METHODS   the methods to run, space separated (default: all eight above)
 #
 # OUT_ROOT (default runs/table4) gets one run folder per method, zero-shot/, logs/ and, for the embedded
-# default, the cached pre-trained tiny base model (base-tiny-llava-seed0-e8/, shared by every method).
+# default, the cached pre-trained tiny base model (base-tiny-llava-testbed*-seed0-e3/, shared by every method).
 # A method whose OUT_ROOT/<method>/final exists is not trained again (delete the folder to rerun it);
 # an interrupted one continues from its latest checkpoint (--resume).
 # The starting model of the zero-shot row is read from the first run's config.json ("model": train.py
 # records the resolved path there, i.e. the cached base model for the embedded default).
 #
-# Cost on CPU (2 cores, embedded default: 800 training records, 3 epochs, 150 steps per method, evaluation
-# after every epoch): pre-training the base model once ~20 s, each method 10-15 s except mi-consistency
-# (~3 min: perturbed copies and PGD passes on every step); about 5 min in all (measured: 273 s and 306 s).
+# Cost on CPU: see README ('Every method side by side').
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
