@@ -55,7 +55,7 @@ class RunShape:
     nrca_impl: str = "fused"  # fused (ours) | released
     micro_batch: int = 16  # samples per forward on one rank
     text_tokens: int = 80  # prompt + answer tokens per sample, besides the image tokens
-    answer_tokens: int = 24  # answer tokens per sample that get logits (worst case: every sample a caption)
+    answer_tokens: float = 24  # logit rows (answer tokens) per sample, mean (default: every sample a caption)
     ranks: int = 1
     fsdp: bool = False
     activation_checkpointing: bool = False
@@ -225,7 +225,7 @@ def _connector_bytes(mllm: models.MLLM, sequences: int, a: int) -> int:
 def _loss_head_bytes(run: RunShape, text, sequences: int, tokens: int, a: int) -> int:
     V = text.vocab_size
     if run.method == "full" or run.nrca_impl == "fused":
-        rows = sequences * run.answer_tokens
+        rows = int(sequences * run.answer_tokens)
         # answer-row logits (kept by the kernel) + their gradient in the backward pass + 3 fp32 per row
         return rows * (2 * V * a + 12)
     # Released: per forward, (B, T, V) logits from lm_head (a) and as fp32 (.float()), log-softmax and softmax
