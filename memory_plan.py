@@ -11,8 +11,8 @@ Eq. 2). This file adds up, per rank, what a step holds at its peak:
                        with --fsdp sharded, with DDP plus DDP's gradient buckets (one more fp32 copy)
     activations        what autograd keeps for the backward pass: per token and decoder layer, the tensors
                        listed in `decoder_layer_bytes` (counted from transformers' Llama layer with SDPA
-                       attention, no T x T matrix); with activation checkpointing only each layer's input
-                       plus one layer recomputed at a time
+                       attention, no T x T score matrix) and the padded batch's (T x T) attention mask;
+                       with activation checkpointing only each layer's input plus one layer recomputed
     loss head          ours (methods.py): logits only at answer rows, (N, V) plus their gradient and the
                        kernel's 3 floats per row; released: full (B, T, V) fp32 logits, log-softmax and
                        softmax kept for the backward pass, for each of the two forwards
@@ -196,11 +196,16 @@ def estimate(mllm: models.MLLM, run: RunShape) -> dict:
     trainable_layer = decoder_layer_bytes(text, tokens, run.bf16, trainable=True)
     connector = _connector_bytes(mllm, sequences, a)
     final_norm = tokens * (4 * text.hidden_size + 4)
-    activations = n_frozen * frozen_layer + counts["n_trainable_layers"] * trainable_layer + connector + final_norm
-    # Checkpointing: each layer keeps only its input (a bytes per element; fp32 cos/sin shared), and the
-    # backward pass recomputes one layer at a time (the largest, a trainable one).
+    # A padded batch gets a (S, 1, T, T) attention mask, which SDPA keeps per layer in the activation dtype
+    # (measured on CPU: one copy per layer; a batch without padding gets none, the plan assumes padding).
+    sequence = mllm.num_image_tokens + run.text_tokens
+    mask = sequences * sequence * sequence * a
+    activations = (n_frozen * frozen_layer + counts["n_trainable_layers"] * trainable_layer
+                   + counts["n_layers"] * mask + connector + final_norm)
+    # Checkpointing: each layer keeps only its input (a bytes per element; the mask and fp32 cos/sin are
+    # shared), and the backward pass recomputes one layer at a time (the largest, a trainable one).
     checkpointed = (counts["n_layers"] * tokens * text.hidden_size * a + max(trainable_layer, frozen_layer)
-                    + connector + final_norm)
+                    + 2 * mask + connector + final_norm)
     parts["activations"] = activations
     parts["activations, checkpointed"] = checkpointed
     parts["loss head"] = _loss_head_bytes(run, text, sequences, tokens, a)
@@ -228,10 +233,12 @@ def _loss_head_bytes(run: RunShape, text, sequences: int, tokens: int, a: int) -
         rows = int(sequences * run.answer_tokens)
         # answer-row logits (kept by the kernel) + their gradient in the backward pass + 3 fp32 per row
         return rows * (2 * V * a + 12)
-    # Released: per forward, (B, T, V) logits from lm_head (a) and as fp32 (.float()), log-softmax and softmax
-    # outputs kept (4 + 4); both forwards' kept tensors are alive when the backward pass makes fp32 gradients.
+    # Released: each forward makes (B, T, V) fp32 logits (.float()) and keeps F.cross_entropy's log-softmax and
+    # the softmax for the backward pass (4 + 4 bytes). Peak at the end of the second forward: the first one's
+    # kept tensors, the second one's logits and its kept tensors (8 + 4 + 8 bytes an element; measured on CPU,
+    # the backward pass frees as it goes and stays below).
     per_branch = tokens // 2 * V
-    return 2 * per_branch * 8 + per_branch * (a + 4 + 4 + 4)
+    return per_branch * (8 + 4 + 8)
 
 
 def _vision_forward_bytes(mllm: models.MLLM, sequences: int, a: int) -> int:

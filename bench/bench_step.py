@@ -206,7 +206,8 @@ def child_command(args, config, checkpointing, micro_batch=None, steps=None, war
     micro_batch = micro_batch or args.micro_batch
     return [sys.executable, __file__, "--one", config, "--model", args.model, "--batch",
             str(args.batch if micro_batch == args.micro_batch else micro_batch), "--micro-batch", str(micro_batch),
-            "--steps", str(args.steps if steps is None else steps), "--warmup", str(args.warmup if warmup is None else warmup),
+            "--steps", str(args.steps if steps is None else steps),
+            "--warmup", str(args.warmup if warmup is None else warmup),
             "--prompt-tokens", str(args.prompt_tokens), "--answer-tokens", str(args.answer_tokens),
             "--tune-last-layers", str(args.tune_last_layers)] + (["--checkpointing"] if checkpointing else [])
 
