@@ -346,13 +346,30 @@ def write_config_folder(folder: str, config: dict) -> str:
 
 
 def readme_tables() -> str:
-    """LLaVA-1.5-7B and VILA1.5-3B at the paper's settings (batch 16, last 2 layers + connector, bf16), NRCA
-    (ours), on 8 x 24 GB (FSDP2) and 1 x 80 GB."""
+    """LLaVA-1.5-7B and VILA1.5-3B at the paper's settings (batch 16, last 2 layers + connector, bf16) on
+    8 x 24 GB (FSDP2, micro-batch 2) and 1 x 80 GB (micro-batch 16): the peak of each method, then NRCA's parts."""
+    settings = ((8, 24, 2), (1, 80, 16))
+    methods = (("Full FT", "full", "fused"), ("NRCA (ours)", "nrca", "fused"), ("NRCA (released)", "nrca", "released"))
+    summary = ["| model | GPUs | micro-batch | " + " | ".join(f"{m} peak, without / with checkpointing"
+                                                             for m, _, _ in methods) + " |",
+               "|---|---|---:|" + "---:|" * len(methods)]
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, config in (("LLaVA-1.5-7B", LLAVA_15_7B), ("VILA1.5-3B", VILA15_3B)):
             mllm = meta_model(write_config_folder(os.path.join(tmp, name), config))
-            for ranks, gib, micro in ((8, 24, 2), (1, 80, 16)):
+            for ranks, gib, micro in settings:
+                cells = []
+                for _, method, impl in methods:
+                    parts = estimate(mllm, RunShape(method=method, nrca_impl=impl, micro_batch=micro, ranks=ranks,
+                                                    fsdp=ranks > 1))
+                    peaks = [peak_bytes(parts, c) / GIB for c in (False, True)]
+                    cells.append(" / ".join(f"{p:.1f} GiB" + ("" if p + RESERVE_GIB <= gib else " (no)")
+                                            for p in peaks))
+                summary.append(f"| {name} | {ranks} x {gib} GB | {micro} | " + " | ".join(cells) + " |")
+        out.append("\n".join(summary) + "\n\n(no): does not fit with the 1 GiB reserve.")
+        for name, config in (("LLaVA-1.5-7B", LLAVA_15_7B), ("VILA1.5-3B", VILA15_3B)):
+            mllm = meta_model(write_config_folder(os.path.join(tmp, name), config))
+            for ranks, gib, micro in settings:
                 run = RunShape(method="nrca", micro_batch=micro, ranks=ranks, fsdp=ranks > 1)
                 title = (f"**{name}, NRCA (ours), {ranks} x {gib} GB{', --fsdp' if ranks > 1 else ''}, "
                          f"micro-batch {micro}** ({mllm.num_image_tokens} image + {run.text_tokens} text tokens)\n")
