@@ -1,8 +1,8 @@
 """Activation checkpointing and FSDP2 over the frozen trunk (train.py `parallelize`), on CPU.
 
 Covered: with --activation-checkpointing every decoder layer is recomputed in the backward pass and the
-weights after 2 steps are bit-identical to a run without it (1 rank fp32 and bf16; 2 gloo ranks with DDP and
-with FSDP2); --fsdp shards the frozen decoder layers and the vision tower so each of 2 ranks holds half of
+weights after 2 steps are bit-identical to a run without it (1 rank fp32 and bf16; 2 gloo ranks with DDP in
+fp32 and with FSDP2 in fp32 and bf16); --fsdp shards the frozen decoder layers and the vision tower so each of 2 ranks holds half of
 their elements, and ends with the same trainable weights as DDP; the final save keeps today's format.
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_checkpointing_fsdp.py
@@ -81,13 +81,13 @@ def _two_rank_worker(rank, world, data_dir, out_root):
     assert all(hasattr(p, "to_local") and not p.requires_grad for m in sharded_modules for p in m.parameters())
     assert abs(local - full / world) <= 64 * sum(1 for m in sharded_modules for _ in m.parameters())  # dim-0 padding
     torch.save({"local": local, "full": full}, Path(out_root) / f"shards.rank{rank}.pt")
-    # 2. Short NRCA runs: DDP / FSDP2, without / with activation checkpointing.
-    for fsdp in (False, True):
+    # 2. Short NRCA runs: DDP / FSDP2 in fp32, FSDP2 in bf16, each without / with activation checkpointing.
+    for fsdp, precision in ((False, "fp32"), (True, "fp32"), (True, "bf16")):
         for checkpointing in (False, True):
             before = counter.calls
-            out = Path(out_root) / f"fsdp{fsdp}-ckpt{checkpointing}"
-            train._train(settings(data_dir, out, fsdp=fsdp, activation_checkpointing=checkpointing), rank, world,
-                         torch.device("cpu"))
+            out = Path(out_root) / f"fsdp{fsdp}-{precision}-ckpt{checkpointing}"
+            train._train(settings(data_dir, out, fsdp=fsdp, precision=precision,
+                                  activation_checkpointing=checkpointing), rank, world, torch.device("cpu"))
             assert (counter.calls - before > 0) == checkpointing
 
 
@@ -97,16 +97,18 @@ def test_checkpointing_and_fsdp_over_frozen_layers_on_two_ranks(synthetic_data_d
     for rank in range(2):
         shards = torch.load(tmp_path / f"shards.rank{rank}.pt")
         assert 0.45 < shards["local"] / shards["full"] < 0.55, shards  # about 1/world of the frozen elements
-    runs = {(fsdp, ckpt): latest_weights(tmp_path / f"fsdp{fsdp}-ckpt{ckpt}") for fsdp in (False, True)
-            for ckpt in (False, True)}
-    reference = runs[(False, False)]
+    runs = {(fsdp, precision, ckpt): latest_weights(tmp_path / f"fsdp{fsdp}-{precision}-ckpt{ckpt}")
+            for fsdp, precision in ((False, "fp32"), (True, "fp32"), (True, "bf16")) for ckpt in (False, True)}
+    reference = runs[(False, "fp32", False)]
     assert all(weights.keys() == reference.keys() for weights in runs.values())
-    for fsdp in (False, True):  # checkpointing changes nothing, under DDP and under FSDP2
-        assert all(torch.equal(runs[(fsdp, True)][k], runs[(fsdp, False)][k]) for k in reference), fsdp
+    for fsdp, precision, ckpt in runs:  # checkpointing changes nothing, under DDP and FSDP2, fp32 and bf16
+        if ckpt:
+            without = runs[(fsdp, precision, False)]
+            assert all(torch.equal(runs[(fsdp, precision, True)][k], without[k]) for k in reference), (fsdp, precision)
     # FSDP2 (reduce-scatter) and DDP (all-reduce) average the same two gradients: the same weights up to the
     # order of float operations in the collectives.
-    worst = max((runs[(True, False)][k] - reference[k]).abs().max().item() for k in reference)
+    worst = max((runs[(True, "fp32", False)][k] - reference[k]).abs().max().item() for k in reference)
     assert worst < 1e-6, worst
     # The final save keeps its format: a LLaVA folder with the trained tensors.
-    final = dict(models.load_model(str(tmp_path / "fsdpTrue-ckptTrue" / "final")).model.named_parameters())
-    assert all(torch.equal(final[k].detach(), runs[(True, True)][k]) for k in reference)
+    final = dict(models.load_model(str(tmp_path / "fsdpTrue-fp32-ckptTrue" / "final")).model.named_parameters())
+    assert all(torch.equal(final[k].detach(), runs[(True, "fp32", True)][k]) for k in reference)
