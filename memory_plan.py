@@ -77,7 +77,7 @@ def meta_model(name_or_path: str) -> models.MLLM:
         SiglipVisionModel,
     )
 
-    if name_or_path in ("tiny-llava", "tiny-vila"):
+    if name_or_path in models.BUILT_IN:
         mllm = models.load_model(name_or_path)  # random weights built in memory, nothing read from disk
         mllm.model.to("meta")
         return mllm

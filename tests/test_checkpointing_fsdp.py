@@ -2,8 +2,9 @@
 
 Covered: with --activation-checkpointing every decoder layer is recomputed in the backward pass and the
 weights after 2 steps are bit-identical to a run without it (1 rank fp32 and bf16; 2 gloo ranks with DDP in
-fp32 and with FSDP2 in fp32 and bf16); --fsdp shards the frozen decoder layers and the vision tower so each of 2 ranks holds half of
-their elements, and ends with the same trainable weights as DDP; the final save keeps today's format.
+fp32 and with FSDP2 in fp32 and bf16); --fsdp shards the frozen decoder layers and the vision-tower layers so
+each of 2 ranks holds half of their elements, and ends with the same trainable weights as DDP; the final save
+keeps today's format.
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_checkpointing_fsdp.py
 """
