@@ -103,6 +103,15 @@ class TrainConfig:
     precision: str = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32")
     fsdp: bool = _f(False, "shard trainable layers and optimizer state with FSDP2 instead of DDP")
     compile: bool = _f(False, "torch.compile each decoder block")
+    activation_checkpointing: bool = _f(False, "recompute every decoder layer's activations in the backward pass "
+                                               "instead of keeping them (frozen layers too: the gradient to the "
+                                               "connector flows through all of them)")
+    plan: bool = _f(False, "print the per-rank memory plan of this run (memory_plan.py; reads config.json only, "
+                           "loads no weights) and exit")
+    gpu_memory: float = _f(24.0, "--plan: memory of one GPU in GB (paper: 24)")
+    plan_ranks: int = _f(0, "--plan: number of ranks (0: WORLD_SIZE or 1)")
+    plan_text_tokens: int = _f(80, "--plan: prompt + answer tokens per sample besides the image tokens")
+    plan_answer_tokens: int = _f(24, "--plan: answer tokens per sample (logit rows)")
     # checkpoints, evaluation
     save_every: int = _f(0, "checkpoint every N optimizer steps (0: only at epoch ends)")
     resume: bool = _f(False, "continue from the latest checkpoint in --out-dir")
@@ -195,6 +204,9 @@ def validate_config(cfg: TrainConfig) -> None:
         (cfg.diagnose_every >= 0, f"--diagnose-every {cfg.diagnose_every}: expected >= 0"),
         (not (cfg.diagnose_every and int(os.environ.get("WORLD_SIZE", 1)) > 1),
          "--diagnose-every runs single-process only (the extra backward would bypass DDP/FSDP's gradient sync)"),
+        (cfg.gpu_memory > 0 and cfg.plan_ranks >= 0, "--gpu-memory must be > 0 and --plan-ranks >= 0"),
+        (1 <= cfg.plan_answer_tokens <= cfg.plan_text_tokens,
+         f"--plan-answer-tokens {cfg.plan_answer_tokens}: expected in [1, --plan-text-tokens {cfg.plan_text_tokens}]"),
     ]
     for name in compared_methods(cfg):
         checks.append((name in METHODS, f"--compare {name!r}: expected methods from {sorted(METHODS)}"))
@@ -240,7 +252,14 @@ def init_distributed():
 
 
 def parallelize(mllm, cfg: TrainConfig, world: int):
-    """DDP over the whole model (frozen parts need no sync) or FSDP2 over the trainable units."""
+    """Activation checkpointing, then DDP over the whole model (frozen parts need no sync) or FSDP2: every
+    decoder layer, every vision-tower layer and the connector become units sharded over the ranks (frozen
+    ones too, so each rank holds about 1/world of their weights; embeddings (token, patch, position), lm_head
+    and the norms outside the layers stay whole on every rank).
+    Returns (the model to call, the FSDP2 units whose weights train)."""
+    if cfg.activation_checkpointing:
+        for layer in mllm.decoder_layers:
+            checkpoint_layer(layer)
     if cfg.compile:
         for layer in mllm.decoder_layers:
             layer.compile()
@@ -249,15 +268,37 @@ def parallelize(mllm, cfg: TrainConfig, world: int):
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        units = [mllm.connector] + [layer for layer in mllm.decoder_layers
-                                    if any(p.requires_grad for p in layer.parameters())]
-        for unit in units:
-            fully_shard(unit)
-        return mllm.model, units
+        tower = mllm.vision_tower  # its layers; the tower itself stays unwrapped (transformers records its
+        frozen_units = list(getattr(tower, "vision_model", tower).encoder.layers)  # hidden states by hooks on it)
+        units = [mllm.connector] + list(mllm.decoder_layers)
+        # Every unit reshards after its forward (explicitly: a unit outside any other is its own FSDP2 root,
+        # which would otherwise keep its gathered weights until the backward pass).
+        for unit in frozen_units + units:
+            fully_shard(unit, reshard_after_forward=True)
+        return mllm.model, [u for u in units if any(p.requires_grad for p in u.parameters())]
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [mllm.model.device.index] if next(mllm.model.parameters()).is_cuda else None
     return DistributedDataParallel(mllm.model, device_ids=ids), []
+
+
+def checkpoint_layer(layer):
+    """Activation checkpointing of one decoder layer: the forward keeps only the layer's inputs, the backward
+    pass runs the layer again (torch.utils.checkpoint, non-reentrant) to get what it needs. The instance's
+    `forward` is wrapped, so module hooks (FSDP2's all-gather) stay outside the recomputed region; the KV cache
+    is not written in training (the recomputation would write it twice). Same numbers as without it: the
+    recomputation repeats the same deterministic ops (dropout is 0 in these models)."""
+    from torch.utils.checkpoint import checkpoint
+
+    forward = layer.forward
+
+    def checkpointed_forward(*args, **kwargs):
+        if not torch.is_grad_enabled():  # generation: nothing to keep (train.py leaves the model in eval mode)
+            return forward(*args, **kwargs)
+        kwargs = {**kwargs, "past_key_values": None, "use_cache": False}
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    layer.forward = checkpointed_forward
 
 
 def full_tensor(t):
@@ -419,6 +460,10 @@ def main(cfg: TrainConfig) -> dict:
     """Train cfg.method (and every --compare method, each into OUT_DIR/METHOD from the same base).
     Returns the last per-epoch evaluation of cfg.method ({} without evaluation)."""
     validate_config(cfg)  # also for a TrainConfig built or edited in code: fail before any model loads
+    if cfg.plan:
+        import memory_plan
+
+        return memory_plan.print_plan(cfg, cfg.gpu_memory, cfg.plan_ranks or int(os.environ.get("WORLD_SIZE", 1)))
     rank, world, device = init_distributed()
     try:
         if cfg.base_epochs:
@@ -636,7 +681,7 @@ def save_final_model(mllm, fsdp_units, folder: Path, rank: int, source: str = ""
             mllm.save(folder)
         return
     trained = {name: full_tensor(p.detach()).cpu() for name, p in mllm.model.named_parameters()
-               if hasattr(p, "full_tensor")}  # collectives: every rank, same order
+               if p.requires_grad and hasattr(p, "full_tensor")}  # collectives: every rank, same order
     if rank == 0:
         copy = models.load_model(source, dtype=dtype, downsample_order=mllm.model.mm_projector.order
                                  if mllm.kind == "vila" else None)
