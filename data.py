@@ -275,8 +275,19 @@ def validate_record(record, where: str) -> None:
     conversation_turns(record, where)
 
 
+def _looks_like_record(value: dict) -> bool:
+    return bool({"id", "image", "conversations"} & value.keys())
+
+
 def _parse_json_or_jsonl(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+        raise DataError(f"{path}: not UTF-8 text: byte 0x{raw[error.start]:02x} at line {line}, column {column} "
+                        f"({error.reason}); save the file as UTF-8") from None
     if not text.strip():
         raise DataError(f"{path}: empty file (expected a JSON list or JSON lines)")
     if text.lstrip().startswith("["):
@@ -288,6 +299,15 @@ def _parse_json_or_jsonl(path: Path) -> list:
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of records")
         return data
+    if text.lstrip().startswith("{"):
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # JSON lines, read below
+        # One JSON object is a JSONL file of one record only if it sits on one line and looks like a record.
+        if isinstance(whole, dict) and (len(text.strip().splitlines()) > 1 or not _looks_like_record(whole)):
+            raise DataError(f"{path}: holds one JSON object (keys {sorted(whole)[:5]}), expected a JSON list of "
+                            "records [{...}, ...] or JSON lines (one record per line)")
     records = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():

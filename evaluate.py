@@ -82,7 +82,10 @@ def load_test_split(path: str | Path, task: str) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"test split {path} ({task}) does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
     try:
         records = json.loads(text)
     except json.JSONDecodeError:
@@ -540,19 +543,27 @@ def main_score(argv: list[str]) -> dict:
     parser.add_argument("references", help="test split JSON (caption records with references / choice with answer)")
     parser.add_argument("--task", choices=TASKS, help="default: caption if the split has 'references'")
     parser.add_argument("--meteor", action="store_true")
+    parser.add_argument("--allow-empty", action="store_true", help="score empty captions as 0 instead of stopping")
     args = parser.parse_args(argv)
-    lines = [json.loads(line) for line in Path(args.predictions).read_text().splitlines() if line.strip()]
     predictions = {}
-    for n, line in enumerate(lines, 1):
-        if "id" not in line or "prediction" not in line:
+    for n, text in enumerate(Path(args.predictions).read_text(encoding="utf-8").splitlines(), 1):
+        if not text.strip():
+            continue
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"{args.predictions} line {n}: not JSON ({error.msg} at column {error.colno}); "
+                             "expected one object with 'id' and 'prediction' per line") from None
+        if not isinstance(line, dict) or "id" not in line or "prediction" not in line:
             raise SystemExit(f"{args.predictions} line {n}: needs 'id' and 'prediction'")
         if str(line["id"]) in predictions:
             raise SystemExit(f"{args.predictions} line {n}: duplicate id {line['id']!r}")
         predictions[str(line["id"])] = line["prediction"]
-    task = args.task or ("caption" if "references" in json.loads(Path(args.references).read_text())[0] else "choice")
+    task = args.task or ("caption" if "references" in (_first_record(args.references) or {}) else "choice")
     records = load_test_split(args.references, task)
     if task == "caption":
-        scores = caption_metrics(predictions, {r["id"]: r["references"] for r in records}, meteor=args.meteor)
+        scores = caption_metrics(predictions, {r["id"]: r["references"] for r in records}, meteor=args.meteor,
+                                 allow_empty=args.allow_empty)
         result = {k: 100 * v for k, v in scores.items() if k != "cider_per_id"}
     else:
         scores = choice_metrics(predictions, {r["id"]: r["answer"] for r in records},
@@ -560,6 +571,16 @@ def main_score(argv: list[str]) -> dict:
         result = {k: v for k, v in scores.items() if k != "per_id"}
     print(json.dumps(result, indent=2))
     return result
+
+
+def _first_record(path: str):
+    """The first record of a test split, to guess its task (None if the file cannot say; load_test_split
+    then names the problem)."""
+    try:
+        records = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return records[0] if isinstance(records, list) and records and isinstance(records[0], dict) else None
 
 
 def main(argv: list[str] | None = None):

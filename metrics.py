@@ -52,8 +52,8 @@ def _check_caption_inputs(predictions: dict, references: dict, allow_empty: bool
         if not isinstance(prediction, str):
             raise TypeError(f"caption metrics: prediction of id {key!r} must be a str, got {type(prediction).__name__}")
         if not allow_empty and not prediction.strip():
-            raise ValueError(f"caption metrics: empty prediction for id {key!r} (pass allow_empty=True to score "
-                             "empty captions as 0)")
+            raise ValueError(f"caption metrics: empty prediction for id {key!r} (pass allow_empty=True, or "
+                             "`evaluate.py score --allow-empty`, to score empty captions as 0)")
     for key, refs in references.items():
         if isinstance(refs, str) or not isinstance(refs, (list, tuple)) or not refs:
             raise ValueError(f"caption metrics: references of id {key!r} must be a non-empty list of str, got {refs!r}")

@@ -413,7 +413,13 @@ def _load_folder(path: str, dtype, attn_implementation, downsample_order=None) -
     config_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"load_model: {path!r} is neither 'tiny-llava', 'tiny-vila' nor a folder")
-    config = json.load(open(config_path)) if os.path.isfile(config_path) else {}
+    for root, _, files in sorted(os.walk(path)):  # damaged files are named here, not deep inside transformers
+        for name in sorted(files):
+            if name.endswith("config.json"):
+                _read_json(os.path.join(root, name))
+            elif name.endswith(".safetensors"):
+                check_safetensors(os.path.join(root, name))
+    config = _read_json(config_path) if os.path.isfile(config_path) else {}
     if os.path.isdir(os.path.join(path, "llm")) or "llm_cfg" in config:
         return _load_vila(path, config, dtype, attn_implementation, downsample_order)
     if config.get("model_type") == "llava":
@@ -426,6 +432,42 @@ def _load_folder(path: str, dtype, attn_implementation, downsample_order=None) -
         "vision_tower/ + mm_projector/). Other image-text-to-text models (Qwen2-VL, LLaVA-OneVision, Idefics3, ...) "
         "run through the generic path: hf_models.load / python hf_trainer.py --model PATH"
     )
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"load_model: {path} is not valid JSON (line {error.lineno}, column {error.colno}: "
+                         f"{error.msg})") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"load_model: {path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"load_model: {path} holds a JSON {type(value).__name__}, expected an object")
+    return value
+
+
+def check_safetensors(path) -> None:
+    """Raise ValueError naming the file unless its header is whole and the file is as long as the header
+    says (a truncated copy or an interrupted save otherwise fails inside safetensors with "invalid header
+    length" or "incomplete metadata", naming no file). Reads the header only."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)  # little-endian u64: the JSON header's length
+        n = int.from_bytes(prefix, "little") if len(prefix) == 8 else None
+        if n is None or 8 + n > size:
+            raise ValueError(f"{path}: truncated safetensors file ({size} bytes, shorter than its header"
+                             f"{'' if n is None else f' of {n} bytes'}): an interrupted copy or save?")
+        try:
+            header = json.loads(f.read(n))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError, AttributeError):
+            raise ValueError(f"{path}: damaged safetensors header (not the JSON table of tensors)") from None
+    if 8 + n + end != size:
+        state = "truncated" if 8 + n + end > size else "longer than its header says"
+        raise ValueError(f"{path}: {state}: its header describes {8 + n + end} bytes, the file has {size} "
+                         "(an interrupted copy or save?)")
 
 
 def _require(path: str) -> str:
@@ -490,7 +532,7 @@ def _load_vila(path, config, dtype, attn_implementation, downsample_order=None) 
         _require(os.path.join(llm_path, required))
     for required in ("config.json", "preprocessor_config.json"):
         _require(os.path.join(vision_path, required))
-    projector_config = json.load(open(_require(os.path.join(projector_path, "config.json"))))
+    projector_config = _read_json(_require(os.path.join(projector_path, "config.json")))
     weights = load_file(_require(os.path.join(projector_path, "model.safetensors")))
     projector_type = projector_config.get("mm_projector_type")
     if projector_type not in PROJECTOR_TYPE_ORDER:

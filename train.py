@@ -20,10 +20,12 @@ Not here: LoRA, multi-image samples, sequence packing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import resource
 import shutil
@@ -39,6 +41,7 @@ from tqdm import tqdm
 
 import data
 import models
+import run_folder
 import testbed
 from methods import METHODS, get_method, model_forward
 
@@ -126,6 +129,8 @@ class TrainConfig:
                                 "(one extra backward; single process)")
     tune_vision_tower: bool = _f(False, "train the vision tower too (the testbed's base pre-training only; the "
                                         "paper freezes it)")
+    overwrite: bool = _f(False, "delete the run already in --out-dir (checkpoints, final model, metrics) and start "
+                                "again; without it (or --resume) such a folder is refused")
 
 
 BASE_EPOCHS = 3  # the embedded default's base pre-training (testbed.py), see pretrain_base_model
@@ -179,6 +184,10 @@ def make_config(**overrides) -> TrainConfig:
 
 def validate_config(cfg: TrainConfig) -> None:
     """Every bad value is reported before any model loads."""
+    for f in dataclasses.fields(cfg):  # inf / nan pass every range check below and surface as a bad loss later
+        value = getattr(cfg, f.name)
+        if f.type in ("float", float) and value is not None and not math.isfinite(value):
+            raise ValueError(f"--{f.name.replace('_', '-')} {value}: expected a finite number")
     checks = [
         (cfg.method in METHODS, f"--method {cfg.method!r}: expected one of {sorted(METHODS)}"),
         (cfg.lam >= 0, f"--lam {cfg.lam}: expected >= 0"),
@@ -305,12 +314,49 @@ def full_tensor(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def on_rank0(fn, rank: int, world: int):
+    """fn() on rank 0 only; an error there is raised on every rank (the others would wait for it forever)."""
+    error = None
+    if rank == 0:
+        try:
+            fn()
+        except Exception as caught:  # noqa: BLE001 - re-raised below, on every rank
+            error = caught
+    if world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise error
+
+
+@contextlib.contextmanager
+def claimed_run_folder(cfg: TrainConfig, rank: int, world: int):
+    """Rank 0 locks --out-dir for the run and refuses a folder holding another run (run_folder.claim)."""
+    locks = []
+    on_rank0(lambda: locks.append(run_folder.claim(cfg.out_dir, cfg.resume, cfg.overwrite)), rank, world)
+    try:
+        yield
+    finally:
+        for lock in locks:
+            lock.release()
+
+
 # ---------------------------------------------------------------------------------------------
 # Data: the multi-task mix, sharded over ranks so each record is trained on once per epoch.
 # ---------------------------------------------------------------------------------------------
-def build_dataset(cfg: TrainConfig, mllm, rank: int, world: int):
+def training_sources(cfg: TrainConfig) -> list[tuple[str, str, str]]:
+    """(task, name, path) of each training file: --train, else the synthetic set in --data-dir."""
     if cfg.train:
-        sources = [parse_train_spec(s) for s in cfg.train]
+        return [parse_train_spec(s) for s in cfg.train]
+    root = Path(cfg.data_dir)
+    return [("caption", "synthetic-caption", str(root / "train_caption.json")),
+            ("choice", "synthetic-choice", str(root / "train_choice.json"))]
+
+
+def build_dataset(cfg: TrainConfig, mllm, rank: int, world: int):
+    sources = training_sources(cfg)
+    if cfg.train:
         image_folder = cfg.image_folder or str(Path(sources[0][2]).parent)
     else:
         root = Path(cfg.data_dir)
@@ -318,8 +364,6 @@ def build_dataset(cfg: TrainConfig, mllm, rank: int, world: int):
             print(f"wrote the testbed world (seed {cfg.seed}) in {root}")
         if world > 1:
             dist.barrier()
-        sources = [("caption", "synthetic-caption", str(root / "train_caption.json")),
-                   ("choice", "synthetic-choice", str(root / "train_choice.json"))]
         image_folder = cfg.image_folder or str(root)
     records = data.mix_datasets([data.Source(name=n, path=p, task=t) for t, n, p in sources],
                                 skip_bad_records=cfg.skip_bad_records,
@@ -373,23 +417,42 @@ def save_checkpoint(out_dir: Path, step: int, named_params, optimizer, scheduler
     method_state = method.state_dict()
     if rank != 0:
         return None
+    metrics = out_dir / "metrics.jsonl"  # its length now: a resume cuts it back to this (steps redone are logged once)
+    position = {**position, "metrics_bytes": metrics.stat().st_size if metrics.exists() else 0}
     final = out_dir / f"checkpoint-{step}"
     tmp = out_dir / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(weights, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "method": method_state,
-                "position": position, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}},
-               tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)  # the checkpoint appears whole or not at all
-    pointer = out_dir / ".latest.tmp"
-    pointer.write_text(final.name)
-    os.replace(pointer, out_dir / "latest")
+    target = tmp
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        target = tmp / "trainable.safetensors"
+        save_file(weights, str(target))
+        target = tmp / "state.pt"
+        torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "method": method_state,
+                    "position": position, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}},
+                   target)
+        target = final
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # the checkpoint appears whole or not at all
+        target = out_dir / ".latest.tmp"
+        target.write_text(final.name)
+        os.replace(target, out_dir / "latest")
+    except (OSError, RuntimeError) as error:  # disk full, no permission (torch.save: "file write failed")
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(target, out_dir, error) from error
     for old in out_dir.glob("checkpoint-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def write_error(path: Path, out_dir: Path, error: Exception) -> OSError:
+    """A failed save, naming the file, the free space and what is kept."""
+    free = shutil.disk_usage(out_dir).free / 2**20 if out_dir.exists() else float("nan")
+    latest = out_dir / "latest"
+    kept = (f"the previous checkpoint {out_dir / latest.read_text().strip()} is kept and --resume continues from it"
+            if latest.exists() else "no earlier checkpoint exists")
+    return OSError(f"cannot write {path}: {error} ({free:.0f} MiB free on its disk); {kept}")
 
 
 class _OwnerModel(torch.nn.Module):
@@ -408,6 +471,7 @@ def load_checkpoint(out_dir: Path, named_params, optimizer, scheduler, method):
     if not pointer.exists():
         raise FileNotFoundError(f"--resume: no checkpoint in {out_dir} (missing {pointer})")
     folder = out_dir / pointer.read_text().strip()
+    models.check_safetensors(folder / "trainable.safetensors")  # truncated or damaged: named, not a SafetensorError
     weights = load_file(str(folder / "trainable.safetensors"))
     missing = [name for name, _ in named_params if name not in weights]
     if missing:
@@ -420,7 +484,11 @@ def load_checkpoint(out_dir: Path, named_params, optimizer, scheduler, method):
 
                 value = distribute_tensor(value, p.device_mesh, p.placements)
             p.copy_(value)
-    state = torch.load(folder / "state.pt", weights_only=False)
+    try:
+        state = torch.load(folder / "state.pt", weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+        raise ValueError(f"{folder / 'state.pt'}: not a readable checkpoint state ({error}); the file is truncated "
+                         "or damaged") from error
     if dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -432,7 +500,11 @@ def load_checkpoint(out_dir: Path, named_params, optimizer, scheduler, method):
     method.load_state_dict(state["method"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
-    return state["position"], folder
+    position = state["position"]
+    evaluated = folder / "evaluated.json"  # written when the epoch-end evaluation after this checkpoint finished
+    if evaluated.is_file() and json.loads(evaluated.read_text())["epoch"] == position.get("eval_due"):
+        position = {**position, "eval_due": None, "metrics_bytes": json.loads(evaluated.read_text())["metrics_bytes"]}
+    return position, folder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,7 +544,10 @@ def main(cfg: TrainConfig) -> dict:
         if compared_methods(cfg):
             runs = [dataclasses.replace(cfg, method=name, compare="", out_dir=str(Path(cfg.out_dir) / name))
                     for name in [cfg.method] + compared_methods(cfg)]
-        results = [_train(run, rank, world, device) for run in runs]
+        results = []
+        for run in runs:
+            with claimed_run_folder(run, rank, world):
+                results.append(_train(run, rank, world, device))
         if rank == 0 and len(runs) > 1:
             import reporting
 
@@ -520,11 +595,13 @@ def pretrain_base_model(cfg: TrainConfig, rank: int, world: int, device) -> Path
                                    tune_vision_tower=True, lr_llm=BASE_LR, lr_connector=BASE_LR, warmup_ratio=0.05,
                                    data_dir=str(root / "pretrain"), image_folder=str(root), out_dir=str(base_dir),
                                    samples_per_dataset=1_000_000, eval_every_epoch=False, eval_noisy_final=False,
-                                   compare="", resume=False, stop_at_step=0, train=None, diagnose_every=0)
+                                   compare="", resume=False, stop_at_step=0, train=None, diagnose_every=0,
+                                   overwrite=True)  # a cache: an interrupted pre-training starts again
         if rank == 0:
             print(f"stage 2: pre-training the base {cfg.model} in {base_dir} ({cfg.base_epochs} epochs, every part "
                   "trains, noise-augmented)")
-        _train(base, rank, world, device)
+        with claimed_run_folder(base, rank, world):
+            _train(base, rank, world, device)
         if world > 1:
             dist.barrier()
     report = base_dir / f"gates-world{testbed.WORLD_VERSION}.json"  # on this world's test split
@@ -579,9 +656,14 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, cfg.warmup_ratio))
 
+    sources = training_sources(cfg)  # --resume: the same run (run_folder.check_resume), else record its start
+    on_rank0(lambda: (run_folder.check_resume if cfg.resume else run_folder.record_start)(
+        out_dir, cfg, sources, steps_per_epoch), rank, world)
     position, last_checkpoint = {"epoch": 0, "step_in_epoch": 0, "step": 0}, None
     if cfg.resume:
         position, last_checkpoint = load_checkpoint(out_dir, named_params, optimizer, scheduler, method)
+        on_rank0(lambda: run_folder.truncate_metrics(out_dir / "metrics.jsonl", position.get("metrics_bytes")),
+                 rank, world)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -600,6 +682,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     step = position["step"]
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=cfg.method, dynamic_ncols=True)
     summary = {}
+    if position.get("eval_due") and evaluate_each_epoch:  # resumed from an epoch end whose evaluation never finished
+        summary = evaluate_epoch(cfg, mllm, position["eval_due"], rank, world, out_dir)
+        epoch_results.append((position["eval_due"], summary))
     for epoch in range(position["epoch"], cfg.epochs):
         batches = epoch_batches(len(dataset), epoch, cfg, rank, world)
         first = position["step_in_epoch"] if epoch == position["epoch"] else 0
@@ -647,7 +732,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
                 bar.update()
             position = {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "step": step}
             if step_in_epoch + 1 == steps_per_epoch:
-                position = {"epoch": epoch + 1, "step_in_epoch": 0, "step": step}
+                position = {"epoch": epoch + 1, "step_in_epoch": 0, "step": step, "eval_due": epoch + 1}
             stop = cfg.stop_at_step and step >= cfg.stop_at_step
             if stop or (cfg.save_every and step % cfg.save_every == 0) or position["step_in_epoch"] == 0:
                 last_checkpoint = save_checkpoint(out_dir, step, named_params, optimizer, scheduler, method,
@@ -678,7 +763,7 @@ def save_final_model(mllm, fsdp_units, folder: Path, rank: int, source: str = ""
     (the model the run started from, loaded in `dtype`), which it saves."""
     if not fsdp_units:
         if rank == 0:
-            mllm.save(folder)
+            save_model_whole(mllm, folder)
         return
     trained = {name: full_tensor(p.detach()).cpu() for name, p in mllm.model.named_parameters()
                if p.requires_grad and hasattr(p, "full_tensor")}  # collectives: every rank, same order
@@ -689,7 +774,20 @@ def save_final_model(mllm, fsdp_units, folder: Path, rank: int, source: str = ""
         with torch.no_grad():
             for name, value in trained.items():
                 params[name].copy_(value)
-        copy.save(folder)
+        save_model_whole(copy, folder)
+
+
+def save_model_whole(mllm, folder: Path) -> None:
+    """Write into a temporary folder and rename it: a kill or a full disk never leaves a partial model."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        mllm.save(str(tmp))
+    except (OSError, RuntimeError) as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(tmp, folder.parent, error) from error
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
 
 
 def evaluate_epoch(cfg: TrainConfig, mllm, epoch: int, rank: int, world: int, out_dir: Path,
@@ -713,6 +811,10 @@ def evaluate_epoch(cfg: TrainConfig, mllm, epoch: int, rank: int, world: int, ou
     if rank == 0 and not noisy:
         with (out_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps({"epoch": epoch, "eval": result}) + "\n")
+        latest = out_dir / "latest"
+        if latest.exists():  # the epoch-end checkpoint: its evaluation is done, a resume from it need not redo it
+            run_folder.write_json_atomic(out_dir / latest.read_text().strip() / "evaluated.json",
+                                         {"epoch": epoch, "metrics_bytes": (out_dir / "metrics.jsonl").stat().st_size})
     return result
 
 

@@ -326,6 +326,27 @@ def test_bad_records_raise_naming_file_index_id_and_problem(tmp_path, caplog):
     assert sum("skipping bad record" in r.message for r in caplog.records) == len(BAD_RECORDS)
 
 
+@pytest.mark.parametrize("text", ['{"annotations": [{"id": 1}], "images": []}',
+                                  '{\n  "id": 1,\n  "image": "x.png",\n  "conversations": []\n}'],
+                         ids=["object-of-lists", "one-record-over-several-lines"])
+def test_json_object_instead_of_a_list_is_named(tmp_path, text):
+    (tmp_path / "train.json").write_text(text)
+    with pytest.raises(DataError, match=r"train\.json: holds one JSON object \(keys \[.*\]\), expected a JSON list of "
+                                        r"records"):
+        data.load_records(tmp_path / "train.json", skip_bad_records=True)
+    (tmp_path / "one.jsonl").write_text(json.dumps(record(0)) + "\n")  # JSON lines of one record: still fine
+    assert [r["id"] for r in data.load_records(tmp_path / "one.jsonl")] == ["0"]
+
+
+def test_non_utf8_bytes_are_named_with_line_and_column(tmp_path):
+    text = json.dumps([record(0), record(1, answer="caf\u00e9")], ensure_ascii=False, indent=1)
+    (tmp_path / "latin1.json").write_bytes(text.encode("latin-1"))  # a file saved in another encoding
+    line = next(n for n, row in enumerate(text.splitlines(), 1) if "caf" in row)
+    column = text.splitlines()[line - 1].index("\u00e9") + 1
+    with pytest.raises(DataError, match=rf"latin1\.json: not UTF-8 text: byte 0xe9 at line {line}, column {column}"):
+        data.load_records(tmp_path / "latin1.json")
+
+
 def test_missing_records_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.json"):
         data.load_records(tmp_path / "nope.json")

@@ -242,6 +242,36 @@ def test_score_command_rejects_mismatched_reference_file(tmp_path):
         evaluate.main(["score", str(tmp_path / "bad.jsonl"), str(tmp_path / "refs.json")])
 
 
+def _score_files(tmp_path, predictions: list[str]) -> list[str]:
+    refs = [{"id": k, "image": f"{k}.png", "conversations": [{"from": "human", "value": "<image>\nDescribe."},
+                                                             {"from": "gpt", "value": v[0]}], "references": v}
+            for k, v in REFERENCES.items()]
+    (tmp_path / "refs.json").write_text(json.dumps(refs))
+    (tmp_path / "predictions.jsonl").write_text("".join(line + "\n" for line in predictions))
+    return ["score", str(tmp_path / "predictions.jsonl"), str(tmp_path / "refs.json")]
+
+
+def test_score_command_names_the_malformed_line(tmp_path):
+    lines = [json.dumps({"id": k, "prediction": v[0]}) for k, v in REFERENCES.items()]
+    argv = _score_files(tmp_path, [lines[0], '{"id": "img2", "prediction": "cut short', lines[2]])
+    with pytest.raises(SystemExit, match=r"predictions.jsonl line 2: not JSON \(Unterminated string"):
+        evaluate.main(argv)
+    argv = _score_files(tmp_path, [lines[0], '["img2", "a list"]', lines[2]])
+    with pytest.raises(SystemExit, match=r"predictions.jsonl line 2: needs 'id' and 'prediction'"):
+        evaluate.main(argv)
+
+
+def test_score_command_allow_empty(tmp_path):
+    argv = _score_files(tmp_path, [json.dumps({"id": k, "prediction": "" if k == "img2" else v[0]})
+                                   for k, v in REFERENCES.items()])
+    with pytest.raises(ValueError, match=r"empty prediction for id 'img2'.*evaluate.py score --allow-empty"):
+        evaluate.main(argv)
+    result = evaluate.main(argv + ["--allow-empty"])  # the empty caption scores 0
+    full = evaluate.main(_score_files(tmp_path, [json.dumps({"id": k, "prediction": v[0]})
+                                                 for k, v in REFERENCES.items()]))
+    assert 0 < result["cider"] < full["cider"]
+
+
 def test_line_breaks_inside_captions_do_not_shift_captions_between_images():
     plain = {"img1": "a red circle top left", "img2": "two blue squares", "img3": "a green triangle"}
     broken = {"img1": "a red circle\ntop left", "img2": "two blue\u2028squares", "img3": "a green\r\ntriangle"}

@@ -536,3 +536,34 @@ def test_bad_folders(tmp_path):
     os.rename(vila / "vision_tower", vila / "vision")
     with pytest.raises(FileNotFoundError, match="vision_tower/config.json"):
         models.load_model(str(vila))
+
+
+def test_broken_config_json_is_named(tmp_path):
+    llava = tmp_path / "llava"
+    models.load_model("tiny-llava").save(str(llava))
+    config = (llava / "config.json").read_text()
+    (llava / "config.json").write_text(config[: len(config) // 2])  # cut short
+    with pytest.raises(ValueError, match=r"llava/config.json is not valid JSON \(line \d+, column \d+"):
+        models.load_model(str(llava))
+    vila = tmp_path / "vila"
+    write_vila_folder(vila)
+    (vila / "mm_projector" / "config.json").write_text("{mm_projector_type: mlp_downsample}")
+    with pytest.raises(ValueError, match=r"mm_projector/config.json is not valid JSON \(line 1, column 2"):
+        models.load_model(str(vila))
+
+
+@pytest.mark.parametrize("keep", [4, 100, -10], ids=["no-header", "half-header", "short-data"])
+def test_truncated_safetensors_is_named(tmp_path, keep):
+    llava = tmp_path / "final"
+    models.load_model("tiny-llava").save(str(llava))
+    weights = llava / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:keep])
+    with pytest.raises(ValueError, match=rf"{weights}: truncated"):
+        models.load_model(str(llava))
+    vila = tmp_path / "vila"
+    write_vila_folder(vila)
+    projector = vila / "mm_projector" / "model.safetensors"
+    projector.write_bytes(projector.read_bytes()[:keep])
+    with pytest.raises(ValueError, match=rf"{projector}: truncated"):
+        models.load_model(str(vila))

@@ -276,6 +276,13 @@ def test_bad_config_values_are_clear_errors(overrides, words, tmp_path):
     assert words in str(error.value)
 
 
+@pytest.mark.parametrize("flag", ["--lr-llm=inf", "--mi-lam=nan", "--lam=-inf", "--delta=nan", "--warmup-ratio=nan",
+                                  "--reg-lam=inf", "--max-grad-norm=inf"])
+def test_every_float_option_must_be_finite(flag):
+    with pytest.raises(ValueError, match=rf"^{flag.replace('=', ' ')}: expected a finite number$"):
+        train.parse_config([flag])
+
+
 def test_errors_come_before_any_model_loads(synthetic_data_dir, tmp_path, monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("models.load_model called before the configuration was checked")
