@@ -1,7 +1,8 @@
 """Reading run folders' evaluations and laying them out as the paper does: Table 4 and Fig. 1.
 
 - `read_eval` / `epoch_evals`: a run's eval.json, or its per-epoch evaluations from metrics.jsonl lines
-  {"epoch": k, "eval": {...}} (train.py writes them after every epoch), else eval_epoch{k}/eval.json.
+  {"epoch": k, "eval": {...}} (train.py writes them after every epoch), else eval_epoch{k}/eval.json; a
+  missing epoch is named on stderr, never skipped silently.
 - `format_table`: the Table 4 layout (CIDEr, accuracy, AVG per dataset pair, best bold, second underlined,
   a "+ vs zero-shot" row).
 - `plot_curves`: Fig. 1-style curves, score against epoch, one line per run.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 
@@ -56,7 +58,22 @@ def epoch_evals(run: str | Path) -> list[tuple[float, dict]]:
             match = re.fullmatch(r"eval_epoch(\d+)", folder.name)
             if match and (folder / "eval.json").is_file():
                 found[float(match.group(1))] = json.loads((folder / "eval.json").read_text())
+    missing = missing_epochs(run, found)
+    if missing:
+        print(f"warning: run {run} has no per-epoch evaluation for epoch(s) {missing}: tables and curves skip them "
+              "(a run killed during an evaluation redoes it when resumed: python train.py --resume --out-dir "
+              f"{run})", file=sys.stderr)
     return sorted(found.items())
+
+
+def missing_epochs(run: Path, found: dict) -> list[int]:
+    """Epochs without an evaluation in a run that evaluates every epoch: gaps before its last evaluation and,
+    once it has a final model, every epoch up to config.json's "epochs"."""
+    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    if not found or not config.get("eval_every_epoch", True):
+        return []
+    last = int(config.get("epochs", 0)) if (run / "final").is_dir() else 0
+    return [k for k in range(1, max(last, int(max(found))) + 1) if float(k) not in found]
 
 
 def run_name(run: str | Path) -> str:

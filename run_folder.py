@@ -211,17 +211,10 @@ def differences(started: dict, now: dict) -> list[str]:
             continue
         if now["config"][key] != then:
             found.append(f"{key}: {then!r} at the start, {now['config'][key]!r} now")
-    old_model, new_model = started["model"], now["model"]
-    for name in sorted(old_model.keys() | new_model.keys()):
-        then, current = old_model.get(name), new_model.get(name)
-        if then is None or current is None:
-            found.append(f"starting model: {name} {'added' if then is None else 'missing'} "
-                         f"({started['config']['model']} at the start, {now['config']['model']} now)")
-        elif name == "builtin" and then != current:
-            found.append(f"starting model: {then!r} at the start, {current!r} now")
-        elif name != "builtin" and then["sha256"] != current["sha256"]:
-            found.append(f"starting model: {name} differs (sha256 {then['sha256'][:12]}... at the start, "
-                         f"{current['sha256'][:12]}... now; {started['config']['model']} -> {now['config']['model']})")
+    model = _model_difference(started["model"], now["model"])
+    if model:
+        found.append(f"starting model: {started['config']['model']} at the start, {now['config']['model']} now; "
+                     + model)
     old_data, new_data = started["data"], now["data"]
     describe = [f"{d['task']}:{d['name']}" for d in old_data], [f"{d['task']}:{d['name']}" for d in new_data]
     if describe[0] != describe[1]:
@@ -237,6 +230,16 @@ def differences(started: dict, now: dict) -> list[str]:
         found.append(f"steps per epoch: {started['steps_per_epoch']} at the start, {now['steps_per_epoch']} now "
                      "(the micro-batch size x ranks pads the epoch differently)")
     return found
+
+
+def _model_difference(then: dict, now: dict) -> str:
+    """'' if the two model fingerprints have the same files with the same sha256, else what differs."""
+    if "builtin" in then or "builtin" in now:
+        return "" if then == now else "another model"
+    changed = sorted(name for name in then.keys() & now.keys() if then[name]["sha256"] != now[name]["sha256"])
+    parts = [(changed, "differ (sha256)"), (sorted(then.keys() - now.keys()), "missing now"),
+             (sorted(now.keys() - then.keys()), "new")]
+    return "; ".join(f"files {names} {what}" for names, what in parts if names)
 
 
 def check_resume(out_dir: Path, cfg, sources, steps_per_epoch: int) -> None:

@@ -3,7 +3,8 @@
 Implements the training procedure of paper Sec. 4.1 and Algorithm 1: connector + last N decoder layers
 trainable, AdamW with per-module learning rates, cosine schedule with warm-up, batch 16, E epochs.
 The loss of one step comes from methods.py (Full FT, NRCA) or a counterpart file; everything else
-(data sharding, distribution, checkpoints, logging, evaluation) is here.
+(data sharding, distribution, checkpoints, logging, evaluation) is here; what may write into the run
+folder and whether --resume continues the same run is in run_folder.py.
 
 Run:
     python train.py                                   # embedded default: synthetic data, tiny-llava,
@@ -750,8 +751,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     save_final_model(mllm, fsdp_units, out_dir / "final", rank, source=cfg.model, dtype=load_dtype)
     if cfg.eval_noisy_final and evaluate_each_epoch:
         evaluate_epoch(cfg, mllm, cfg.epochs, rank, world, out_dir, noisy=True)
-    if rank == 0 and epoch_results:
-        print_results(cfg, epoch_results)
+    if rank == 0 and epoch_results:  # every epoch's evaluation, those before a --resume too
+        import reporting
+
+        print_results(cfg, [(int(epoch), result) for epoch, result in reporting.epoch_evals(out_dir)])
     return summary
 
 

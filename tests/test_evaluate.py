@@ -228,6 +228,20 @@ def test_missing_things_are_named(tmp_path):
         evaluate.resolve_splits(tmp_path)
 
 
+def test_table_and_plot_name_a_lost_epoch_evaluation(tmp_path, capsys):
+    run = _fake_run(tmp_path, "nrca", "nrca", [(70.0, 80.0), (66.0, 88.0), (63.11, 88.31)])
+    (run / "eval.json").unlink()
+    (run / "config.json").write_text(json.dumps({"method": "nrca", "epochs": 4, "eval_every_epoch": True}))
+    (run / "final").mkdir()  # finished: 4 epochs were trained
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(line for line in lines if '"epoch": 2, "eval"' not in line) + "\n")
+    capsys.readouterr()
+    evaluate.main(["plot", str(run), "--out", str(tmp_path / "fig1.png")])
+    assert f"run {run} has no per-epoch evaluation for epoch(s) [2, 4]" in capsys.readouterr().err
+    evaluate.main(["table", str(run)])  # the last evaluation (epoch 3) is not the final model's
+    assert "for epoch(s) [2, 4]" in capsys.readouterr().err
+
+
 def test_score_command_rejects_mismatched_reference_file(tmp_path):
     refs = [{"id": k, "image": f"{k}.png", "conversations": [{"from": "human", "value": "<image>\nDescribe."},
                                                              {"from": "gpt", "value": v[0]}], "references": v}

@@ -70,7 +70,8 @@ def test_resume_refuses_another_model_of_the_same_shape(synthetic_data_dir, tmp_
     changed.save(str(other))
     out = tmp_path / "run"
     train.main(config(synthetic_data_dir, out, model=str(first), stop_at_step=1))
-    with pytest.raises(run_folder.RunFolderError, match=r"starting model: model.safetensors differs"):
+    with pytest.raises(run_folder.RunFolderError, match=rf"starting model: {first} at the start, {other} now; files "
+                                                        r"\['model.safetensors'\] differ \(sha256\)\n"):
         run(synthetic_data_dir, out, model=str(other), resume=True)
     # The same model moved elsewhere is the same run; evaluation options may change on --resume.
     moved = tmp_path / "moved"
@@ -164,7 +165,7 @@ train.main(train.parse_config(sys.argv[1:]))
 
 
 def test_kill_during_an_evaluation_then_resume_gives_every_epochs_evaluation(uninterrupted, synthetic_data_dir,
-                                                                             tmp_path):
+                                                                             tmp_path, capsys):
     out = tmp_path / "run"
     command = [sys.executable, "-c", KILL_IN_EVALUATION, "--model", "tiny-llava", "--data-dir", str(synthetic_data_dir),
                "--out-dir", str(out), "--base-epochs", "0", "--epochs", "2", "--batch-size", "4",
@@ -174,8 +175,12 @@ def test_kill_during_an_evaluation_then_resume_gives_every_epochs_evaluation(uni
                           text=True, timeout=300)
     assert done.returncode == -9, done.stderr[-3000:]
     assert (out / "latest").read_text() == "checkpoint-2" and [r["step"] for r in step_records(out)] == [1, 2]
+    capsys.readouterr()
     run(synthetic_data_dir, out, epochs=2, resume=True, **EVAL)
     assert [line["epoch"] for line in metrics_lines(out) if "eval" in line] == [1, 2]
+    printed = capsys.readouterr().out
+    assert f"taking over the stale lock {out / 'run.lock'}" in printed  # the killed run's
+    assert "\n| 1 | " in printed and "\n| 2 | " in printed  # the table has both epochs
     assert metrics_lines(out) == uninterrupted
 
 
