@@ -6,7 +6,8 @@
 - `RunLock`: RUN/run.lock, held with flock(2) and holding the holder's pid, host and start time. A second
   run into the same folder stops with an error that names them. The kernel drops a flock when its process
   dies (kill -9 included), so a lock left by a killed run is seen as stale and taken over, with a note.
-  The file is removed when a run ends normally.
+  The file is removed when a run ends normally. On a file system without locks (some FUSE mounts) the run
+  goes on with a warning.
 - `fingerprint` / `check_resume`: RUN/run.json keeps the configuration a run started with, a fingerprint
   of its starting model (every weight, config and tokenizer file: size and sha256) and of its training
   files (task, name, size, sha256), and its steps per epoch. --resume recomputes them and refuses,
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import fcntl
 import hashlib
 import json
@@ -74,7 +76,11 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            except OSError as error:
+                if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # a file system without locks
+                    os.close(fd)
+                    print(f"warning: cannot lock {self.path} ({error}): a second run into this folder is not detected")
+                    return self
                 holder = _read_holder(fd)
                 os.close(fd)
                 raise RunFolderError(

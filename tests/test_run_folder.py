@@ -196,9 +196,14 @@ def _torch_save_fails(*args, **kwargs):  # what torch.save raises on a full disk
                        "data/3: file write failed")
 
 
+def _no_permission(*args, **kwargs):
+    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+
 @pytest.mark.parametrize("writer, failing, file", [("save_file", _no_space, "trainable.safetensors"),
-                                                   ("torch", _torch_save_fails, "state.pt")],
-                         ids=["safetensors-enospc", "torch-save"])
+                                                   ("torch", _torch_save_fails, "state.pt"),
+                                                   ("save_file", _no_permission, "trainable.safetensors")],
+                         ids=["safetensors-enospc", "torch-save", "no-permission"])
 def test_full_disk_during_a_checkpoint_names_the_file_and_keeps_the_previous(writer, failing, file,
                                                                              synthetic_data_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
@@ -235,3 +240,26 @@ def test_damaged_checkpoint_files_are_named(synthetic_data_dir, tmp_path):
     with pytest.raises(ValueError, match=rf"{state}: not a readable checkpoint state"):
         run(synthetic_data_dir, out, resume=True)
     assert set(latest_weights(out)) and [r["step"] for r in step_records(out)] == [1]
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. run_folder's pieces on their own.
+# ---------------------------------------------------------------------------------------------
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, capsys):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(run_folder.fcntl, "flock", no_locks)
+    with run_folder.claim(tmp_path, resume=False, overwrite=False):
+        assert f"warning: cannot lock {tmp_path / 'run.lock'}" in capsys.readouterr().out
+
+
+def test_truncate_metrics_cuts_whole_lines_only(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n')
+    assert run_folder.truncate_metrics(path, len('{"step": 1}\n')) == 2
+    assert path.read_text() == '{"step": 1}\n'
+    with pytest.raises(run_folder.RunFolderError, match="was it edited"):
+        run_folder.truncate_metrics(path, 5)  # not at a line end
+    with pytest.raises(run_folder.RunFolderError, match="was it edited"):
+        run_folder.truncate_metrics(path, 100)  # longer than the file
