@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -321,7 +322,7 @@ def on_rank0(fn, rank: int, world: int):
     if rank == 0:
         try:
             fn()
-        except Exception as caught:  # noqa: BLE001 - re-raised below, on every rank
+        except Exception as caught:  # re-raised below, on every rank
             error = caught
     if world > 1:
         box = [error]
@@ -438,7 +439,8 @@ def save_checkpoint(out_dir: Path, step: int, named_params, optimizer, scheduler
         target = out_dir / ".latest.tmp"
         target.write_text(final.name)
         os.replace(target, out_dir / "latest")
-    except (OSError, RuntimeError) as error:  # disk full, no permission (torch.save: "file write failed")
+    except (OSError, RuntimeError, SafetensorError) as error:  # disk full, no permission: torch.save and
+        # safetensors raise their own types ("inline_container.cc ... unexpected pos", "I/O error ... os error 28")
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_error(target, out_dir, error) from error
     for old in out_dir.glob("checkpoint-*"):
@@ -786,7 +788,7 @@ def save_model_whole(mllm, folder: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         mllm.save(str(tmp))
-    except (OSError, RuntimeError) as error:
+    except (OSError, RuntimeError, SafetensorError) as error:
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_error(tmp, folder.parent, error) from error
     shutil.rmtree(folder, ignore_errors=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from test_train import REPO, config, latest_weights, run, step_records
 
 import models
@@ -187,13 +188,12 @@ def test_kill_during_an_evaluation_then_resume_gives_every_epochs_evaluation(uni
 # ---------------------------------------------------------------------------------------------
 # 4. Saves that fail, checkpoints that are damaged.
 # ---------------------------------------------------------------------------------------------
-def _no_space(*args, **kwargs):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+def _no_space(*args, **kwargs):  # what safetensors' save_file raises on a full disk (tmpfs, measured)
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
 
-def _torch_save_fails(*args, **kwargs):  # what torch.save raises on a full disk
-    raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
-                       "data/3: file write failed")
+def _torch_save_fails(*args, **kwargs):  # what torch.save raises on a full disk (tmpfs, measured)
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
 
 
 def _no_permission(*args, **kwargs):
@@ -203,7 +203,7 @@ def _no_permission(*args, **kwargs):
 @pytest.mark.parametrize("writer, failing, file", [("save_file", _no_space, "trainable.safetensors"),
                                                    ("torch", _torch_save_fails, "state.pt"),
                                                    ("save_file", _no_permission, "trainable.safetensors")],
-                         ids=["safetensors-enospc", "torch-save", "no-permission"])
+                         ids=["safetensors-no-space", "torch-save-no-space", "no-permission"])
 def test_full_disk_during_a_checkpoint_names_the_file_and_keeps_the_previous(writer, failing, file,
                                                                              synthetic_data_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
