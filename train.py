@@ -546,7 +546,7 @@ def main(cfg: TrainConfig) -> dict:
         runs = [cfg]
         if compared_methods(cfg):
             runs = [dataclasses.replace(cfg, method=name, compare="", out_dir=str(Path(cfg.out_dir) / name))
-                    for name in [cfg.method] + compared_methods(cfg)]
+                    for name in dict.fromkeys([cfg.method] + compared_methods(cfg))]
         results = []
         for run in runs:
             with claimed_run_folder(run, rank, world):
