@@ -58,6 +58,7 @@ class RunFolderError(RuntimeError):
 
 def write_json_atomic(path: Path, value) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)  # also when train._train is called without main's claim
     tmp.write_text(json.dumps(value, indent=2))
     os.replace(tmp, path)  # readers see the old file or the new one, never half of it
 

@@ -141,8 +141,9 @@ def table4(out: Path, seeds, methods) -> str:
     row("Zero-shot", [json.loads((z / "eval.json").read_text()) for z in zero if (z / "eval.json").is_file()],
         [json.loads((z / "eval_noisy.json").read_text()) for z in zero if (z / "eval_noisy.json").is_file()])
     for method in methods:
-        folders = [out / f"seed{s}" / method for s in seeds]
-        row(PAPER_NAMES[method], [final_eval(f) for f in folders],
+        folders = [out / f"seed{s}" / method for s in seeds if (out / f"seed{s}" / method / "final").is_dir()]
+        name = PAPER_NAMES[method] + ("" if len(folders) == len(seeds) else f" (seeds: {len(folders)} of {len(seeds)})")
+        row(name, [final_eval(f) for f in folders],
             [json.loads((f / "eval_noisy.json").read_text()) for f in folders if (f / "eval_noisy.json").is_file()])
     return "\n".join(rows)
 
@@ -152,7 +153,8 @@ def per_epoch_table(out: Path, seeds, methods) -> str:
              + " |"]
     lines.append("|---" + "|---:" * (lines[0].count("|") - 2) + "|")
     for method in methods:
-        cider, accuracy = curves(out, seeds, method, "cider"), curves(out, seeds, method, "accuracy")
+        done = [s for s in seeds if (out / f"seed{s}" / method / "final").is_dir()]
+        cider, accuracy = curves(out, done, method, "cider"), curves(out, done, method, "accuracy")
         lines.append(f"| {PAPER_NAMES[method]} | " + " | ".join(
             f"{cell(cider[e])} / {cell(accuracy[e])}" for e in cider) + " |")
     return "\n".join(lines)
