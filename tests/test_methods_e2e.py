@@ -18,6 +18,7 @@ Run: `TRITON_INTERPRET=1 python -m pytest -q tests/test_methods_e2e.py` (about 2
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -202,3 +203,13 @@ def train_one(data_dir: str, out: str, run: str) -> None:
 
 if __name__ == "__main__":
     driver(sys.argv[1], sys.argv[2], sys.argv[3:])
+
+
+@pytest.mark.parametrize("method", ["mi-consistency", "nrca"])
+def test_an_epoch_ending_in_padding_items(method, synthetic, tmp_path):
+    """10 records at batch 4: the third step holds 2 epoch-padding items (labels all -100). Each method must
+    train through them (modality interference raised 'needs image tokens and answer tokens' on them)."""
+    cfg = config(method, "tiny-llava", synthetic, tmp_path / "run", micro_batch_size=4)
+    train.main(dataclasses.replace(cfg, samples_per_dataset=5))
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if "step" in s] == [1, 2, 3]
