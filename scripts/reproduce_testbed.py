@@ -250,6 +250,7 @@ def main(argv=None) -> None:
         old = json.loads(timing.read_text()) if timing.is_file() else {}
         timing.write_text(json.dumps({**old, **seconds}, indent=1))
     methods = [m for m in METHODS if m in args.methods]
+    ran = [m for m in methods if any((out / f"seed{s}" / m / "final").is_dir() for s in args.seeds)]
     passed, verdict = acceptance(out, args.seeds)
     gates = []
     for seed in args.seeds:
@@ -257,12 +258,19 @@ def main(argv=None) -> None:
         rows = json.loads((Path(config["model"]).parent / f"gates-world{testbed.WORLD_VERSION}.json").read_text())
         gates.append(f"seed {seed}: " + "; ".join(f"{r['gate']} {r['value']:.1f} % (needs >= {r['threshold']:.1f})"
                                                  for r in rows))
-    timing = json.loads((out / "seconds.json").read_text()) if (out / "seconds.json").is_file() else {}
+    timing = {}  # each run's training + per-epoch evaluation time, from its folder (config.json to eval_noisy.json)
+    for seed in args.seeds:
+        for method in ran:
+            folder = out / f"seed{seed}" / method
+            if (folder / "eval_noisy.json").is_file():
+                timing[f"seed{seed}/{method}"] = ((folder / "eval_noisy.json").stat().st_mtime
+                                                  - (folder / "config.json").stat().st_mtime)
     report = "\n\n".join([
-        "## Gates (base model, downstream multiple-choice test split, chance 33.3 %)", "\n".join(gates),
+        "## Gates (base model, downstream multiple-choice test split; threshold = chance + 30, clean - 10)",
+        "\n".join(gates),
         "## Acceptance of the testbed (Full FT only)", verdict,
         f"## Table 4 layout: last epoch, mean ± std over seeds {args.seeds}", table4(out, args.seeds, methods),
-        "## Fig. 1 data: every epoch, CIDEr / accuracy, mean ± std", per_epoch_table(out, args.seeds, methods),
+        "## Fig. 1 data: every epoch, CIDEr / accuracy, mean ± std", per_epoch_table(out, args.seeds, ran),
         "## Table 1: attention of the first generated token on noisy captioning inputs, % (mean ± std)",
         attention_table(out, args.seeds),
         "## NRCA diagnostics per epoch (Eq. 5b): mean clean / noisy confidence of open samples",
