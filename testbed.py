@@ -33,7 +33,7 @@ picture is a lookup that a tiny language model did not learn in the time the emb
 (measured with a 128-wide, 4-layer Llama: text-only "Which option says red?" questions, 1200 steps: 36.9 %
 with 33 % chance; MLLM pre-training with 3 shuffled options, 3750 steps: 54.0 % and 33.7 % on two seeds, both
 under the gate). Every
-reference caption and every answer follows from the scene (`scene_captions`, `scene_answer`); nothing in the
+reference caption and every answer follows from the scene (`scene_captions`, `scene_question`); nothing in the
 test references is ungrounded.
 
 Files (LLaVA / DataOptim JSON, the format the real path reads; data.py reads them):
@@ -183,10 +183,6 @@ def scene_question(scene: dict, kind: str, phrasing: str, rng: random.Random) ->
     options = list(ATTRIBUTES[kind])
     lines = "\n".join(f"{OPTION_LETTERS[i]}. {option}" for i, option in enumerate(options))
     return f"{phrasing}\n{lines}\n{CHOICE_SUFFIX}", options, OPTION_LETTERS[options.index(scene[kind])]
-
-
-def scene_answer(scene: dict, kind: str) -> str:
-    return scene[kind]
 
 
 # ---------------------------------------------------------------------------------------------
