@@ -154,6 +154,21 @@ def test_training_captions_are_human(tmp_path):
     assert set(letters) == {"A", "B", "C", "D", "E"} and min(letters.values()) > 10
 
 
+def test_pretraining_captions_mix_two_registers(tmp_path):
+    """A quarter of the pre-training captions are in the downstream register (one of the reference
+    phrasings), the rest terse; both describe the picture."""
+    testbed.write_pretraining(tmp_path, n_images=160, seed=1)
+    records = json.loads((tmp_path / "pretrain" / "train_caption.json").read_text())
+    downstream = 0
+    for record in records:  # (that the words match the pixels is checked above, on the small world)
+        caption = record["conversations"][1]["value"]
+        scene = testbed._scene_from_caption(caption)
+        terse = [testbed._fill(t, scene) for t in testbed.PRETRAIN_CAPTIONS]
+        assert caption in terse + testbed.scene_captions(scene), (record["id"], caption)
+        downstream += caption not in terse
+    assert 0.15 < downstream / len(records) < 0.35  # P_PRETRAIN_DOWNSTREAM_REGISTER = 0.25
+
+
 def test_gates_on_a_fake_model(world):
     records = json.loads((world / "test_choice.json").read_text())
     right = {r["id"]: r["answer"] for r in records}
