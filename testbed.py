@@ -81,7 +81,8 @@ PRETRAIN_CAPTIONS = (
 )
 # ... and a share of them in the downstream register (grounded, as in the test references): a real base model
 # has read text like Flickr30k's, it just does not write that way by default. Fine-tuning then only has to
-# switch register, which it does within the first epoch (world v9; in v7 it took 3 epochs, see README).
+# switch register, which it does in its first epochs (world v9; in v7, whose base had never read that register,
+# it was still learning it while the details came in, see README).
 P_PRETRAIN_DOWNSTREAM_REGISTER = 0.25
 # The downstream captioning data set's register (a Flickr30k stand-in): the 5 test references of an image
 # are these five phrasings of its scene; training captions use one of them per image, as people do.
