@@ -253,6 +253,11 @@ def plots(out: Path, seeds) -> None:
                               if (f / "eval_noisy.json").is_file()])
             ax.bar([i - 0.2, i + 0.2], [clean[0], noisy[0]], 0.38, yerr=[clean[1], noisy[1]],
                    color=["tab:blue", "tab:orange"], label=["clean", "noisy (delta 0.5)"] if i == 0 else None)
+            for f in folders:  # each seed: its clean and noisy score joined by a line
+                if (f / "eval_noisy.json").is_file() and final_eval(f):
+                    pair = [final_eval(f)[key], json.loads((f / "eval_noisy.json").read_text())[key]]
+                    ax.plot([i - 0.2, i + 0.2], pair, color="black", marker=".", lw=0.8,
+                            label="one seed" if i == 0 and f == folders[0] else None)
         ax.set_xticks([0, 1], [PAPER_NAMES["full"], PAPER_NAMES["nrca"]])
         ax.set_title({"cider": "CIDEr x100", "accuracy": "accuracy %"}[key], fontsize=9)
         ax.legend(fontsize=8)
