@@ -125,7 +125,14 @@ def acceptance(out: Path, seeds) -> tuple[bool, str]:
             f"{drop:.2f} against a spread across seeds of {spread:.2f}; multiple-choice accuracy changes by "
             f"{acc_change:+.2f} points from the peak epoch to the last (allowed: 5). Acceptance: "
             f"{'PASSED' if passed else 'FAILED'}")
-    return passed, text
+    per_seed = []  # not part of the criterion: where each seed's own curve peaks, and how far it ends below
+    for seed in seeds:
+        own = {e: v[0] for e, v in curves(out, [seed], "full", "cider").items()}
+        if own:
+            top = max(own, key=own.get)
+            per_seed.append(f"seed {seed}: peak at epoch {top:g} ({own[top]:.1f}), last {own[max(own)]:.1f} "
+                            f"({own[max(own)] - own[top]:+.1f})")
+    return passed, text + "\n\nPer seed (not part of the criterion): " + "; ".join(per_seed)
 
 
 def table4(out: Path, seeds, methods) -> str:
