@@ -536,6 +536,26 @@ def main_plot(argv: list[str]) -> Path:
     return out
 
 
+def read_predictions(path: str | Path) -> dict[str, str]:
+    """{id: prediction} from a predictions JSONL (evaluate_model's predictions_{task}.jsonl, or a user's);
+    a malformed line stops with its file and line number."""
+    predictions = {}
+    for n, text in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not text.strip():
+            continue
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"{path} line {n}: not JSON ({error.msg} at column {error.colno}); "
+                             "expected one object with 'id' and 'prediction' per line") from None
+        if not isinstance(line, dict) or "id" not in line or "prediction" not in line:
+            raise SystemExit(f"{path} line {n}: needs 'id' and 'prediction'")
+        if str(line["id"]) in predictions:
+            raise SystemExit(f"{path} line {n}: duplicate id {line['id']!r}")
+        predictions[str(line["id"])] = line["prediction"]
+    return predictions
+
+
 def main_score(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(prog="evaluate.py score",
                                      description="Score a predictions JSONL (id, prediction) against a test split.")
@@ -545,20 +565,7 @@ def main_score(argv: list[str]) -> dict:
     parser.add_argument("--meteor", action="store_true")
     parser.add_argument("--allow-empty", action="store_true", help="score empty captions as 0 instead of stopping")
     args = parser.parse_args(argv)
-    predictions = {}
-    for n, text in enumerate(Path(args.predictions).read_text(encoding="utf-8").splitlines(), 1):
-        if not text.strip():
-            continue
-        try:
-            line = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise SystemExit(f"{args.predictions} line {n}: not JSON ({error.msg} at column {error.colno}); "
-                             "expected one object with 'id' and 'prediction' per line") from None
-        if not isinstance(line, dict) or "id" not in line or "prediction" not in line:
-            raise SystemExit(f"{args.predictions} line {n}: needs 'id' and 'prediction'")
-        if str(line["id"]) in predictions:
-            raise SystemExit(f"{args.predictions} line {n}: duplicate id {line['id']!r}")
-        predictions[str(line["id"])] = line["prediction"]
+    predictions = read_predictions(args.predictions)
     task = args.task or ("caption" if "references" in (_first_record(args.references) or {}) else "choice")
     records = load_test_split(args.references, task)
     if task == "caption":

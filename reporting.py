@@ -37,6 +37,16 @@ def read_eval(run: str | Path, noisy: bool = False) -> dict:
                             + f"; run `python evaluate.py {run}{' --noisy' if noisy else ''}` first")
 
 
+def epoch_folders(run: str | Path) -> dict[int, Path]:
+    """{k: RUN/eval_epoch{k}}: the per-epoch evaluation folders train.py writes (eval.json, predictions)."""
+    found = {}
+    for folder in Path(run).glob("eval_epoch*"):
+        match = re.fullmatch(r"eval_epoch(\d+)", folder.name)
+        if match:
+            found[int(match.group(1))] = folder
+    return dict(sorted(found.items()))
+
+
 def epoch_evals(run: str | Path) -> list[tuple[float, dict]]:
     """[(epoch, eval dict)] sorted by epoch from RUN/metrics.jsonl lines with "epoch" and "eval"; if there
     are none, from RUN/eval_epoch{k}/eval.json."""
@@ -54,10 +64,9 @@ def epoch_evals(run: str | Path) -> list[tuple[float, dict]]:
             if isinstance(entry, dict) and isinstance(entry.get("eval"), dict) and "epoch" in entry:
                 found[float(entry["epoch"])] = entry["eval"]  # a resumed run's repeat replaces the earlier one
     if not found:
-        for folder in run.glob("eval_epoch*"):
-            match = re.fullmatch(r"eval_epoch(\d+)", folder.name)
-            if match and (folder / "eval.json").is_file():
-                found[float(match.group(1))] = json.loads((folder / "eval.json").read_text())
+        for epoch, folder in epoch_folders(run).items():
+            if (folder / "eval.json").is_file():
+                found[float(epoch)] = json.loads((folder / "eval.json").read_text())
     missing = missing_epochs(run, found)
     if missing:
         print(f"warning: run {run} has no per-epoch evaluation for epoch(s) {missing}: tables and curves skip them "

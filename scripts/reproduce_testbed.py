@@ -36,7 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import testbed  # noqa: E402
-from reporting import epoch_evals  # noqa: E402
+from evaluate import read_predictions  # noqa: E402
+from reporting import epoch_evals, epoch_folders  # noqa: E402
 
 METHODS = ("full", "l2", "grafting", "random-mask", "magnitude-mask", "nrca", "spider", "mi-consistency")
 PAPER_NAMES = {"full": "Full FT", "l2": "L2-Reg", "grafting": "Grafting", "random-mask": "Ran Mask",
@@ -101,6 +102,12 @@ def final_eval(folder: Path) -> dict:
     return points[-1][1] if points else {}
 
 
+def noisy_eval(folder: Path) -> dict:
+    """The final model's scores on delta = 0.5 inputs (train.py's eval_noisy.json), {} when absent."""
+    path = folder / "eval_noisy.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def curves(out: Path, seeds, method: str, key: str) -> dict[float, list[float]]:
     by_epoch = {}
     for seed in seeds:
@@ -129,9 +136,9 @@ def acceptance(out: Path, seeds) -> tuple[bool, str]:
     for seed in seeds:
         own = {e: v[0] for e, v in curves(out, [seed], "full", "cider").items()}
         if own:
-            top = max(own, key=own.get)
-            per_seed.append(f"seed {seed}: peak at epoch {top:g} ({own[top]:.1f}), last {own[max(own)]:.1f} "
-                            f"({own[max(own)] - own[top]:+.1f})")
+            top, last_value = max(own, key=own.get), own[max(own)]
+            per_seed.append(f"seed {seed}: peak at epoch {top:g} ({own[top]:.1f}), last {last_value:.1f} "
+                            f"({last_value - own[top]:+.1f})")
     return passed, text + "\n\nPer seed (not part of the criterion): " + "; ".join(per_seed)
 
 
@@ -150,8 +157,7 @@ def table4(out: Path, seeds, methods) -> str:
     for method in methods:
         folders = [out / f"seed{s}" / method for s in seeds if (out / f"seed{s}" / method / "final").is_dir()]
         name = PAPER_NAMES[method] + ("" if len(folders) == len(seeds) else f" (seeds: {len(folders)} of {len(seeds)})")
-        row(name, [final_eval(f) for f in folders],
-            [json.loads((f / "eval_noisy.json").read_text()) for f in folders if (f / "eval_noisy.json").is_file()])
+        row(name, [final_eval(f) for f in folders], [noisy_eval(f) for f in folders])
     return "\n".join(rows)
 
 
@@ -175,12 +181,12 @@ def fabrication_table(out: Path, seeds, methods) -> str:
     for method in methods:
         by_epoch = {}
         for seed in seeds:
-            for folder in (out / f"seed{seed}" / method).glob("eval_epoch*"):
+            for epoch, folder in epoch_folders(out / f"seed{seed}" / method).items():
                 predictions = folder / "predictions_caption.jsonl"
                 if predictions.is_file():
-                    written = [json.loads(line)["prediction"] for line in predictions.read_text().splitlines()]
+                    written = read_predictions(predictions).values()
                     fabricated = sum(any(d in caption for d in testbed.UNGROUNDED_DETAILS) for caption in written)
-                    by_epoch.setdefault(int(folder.name.removeprefix("eval_epoch")), []).append(fabricated)
+                    by_epoch.setdefault(epoch, []).append(fabricated)
         if by_epoch:
             if not lines:
                 lines = ["| Methods | " + " | ".join(f"epoch {e}" for e in sorted(by_epoch)) + " |",
@@ -254,17 +260,15 @@ def plots(out: Path, seeds) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
     for ax, key in zip(axes, ("cider", "accuracy"), strict=True):
         for i, method in enumerate(("full", "nrca")):
-            folders = [out / f"seed{s}" / method for s in seeds]
-            clean = mean_std([final_eval(f).get(key) for f in folders])
-            noisy = mean_std([json.loads((f / "eval_noisy.json").read_text()).get(key) for f in folders
-                              if (f / "eval_noisy.json").is_file()])
+            scores = [(final_eval(f), noisy_eval(f)) for f in (out / f"seed{s}" / method for s in seeds)]
+            clean = mean_std([c.get(key) for c, _ in scores])
+            noisy = mean_std([n.get(key) for _, n in scores])
             ax.bar([i - 0.2, i + 0.2], [clean[0], noisy[0]], 0.38, yerr=[clean[1], noisy[1]],
                    color=["tab:blue", "tab:orange"], label=["clean", "noisy (delta 0.5)"] if i == 0 else None)
-            for f in folders:  # each seed: its clean and noisy score joined by a line
-                if (f / "eval_noisy.json").is_file() and final_eval(f):
-                    pair = [final_eval(f)[key], json.loads((f / "eval_noisy.json").read_text())[key]]
-                    ax.plot([i - 0.2, i + 0.2], pair, color="black", marker=".", lw=0.8,
-                            label="one seed" if i == 0 and f == folders[0] else None)
+            for n, (c, noisy_scores) in enumerate(scores):  # each seed: its clean and noisy score joined by a line
+                if c and noisy_scores:
+                    ax.plot([i - 0.2, i + 0.2], [c[key], noisy_scores[key]], color="black", marker=".", lw=0.8,
+                            label="one seed" if i == 0 and n == 0 else None)
         ax.set_xticks([0, 1], [PAPER_NAMES["full"], PAPER_NAMES["nrca"]])
         ax.set_title({"cider": "CIDEr x100", "accuracy": "accuracy %"}[key], fontsize=9)
         ax.legend(fontsize=8)
