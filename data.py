@@ -421,13 +421,16 @@ def mix_datasets(sources, samples_per_dataset: int = 10_000, seed: int = 0, skip
 # ---------------------------------------------------------------------------------------------
 # Dataset and collation
 # ---------------------------------------------------------------------------------------------
-def open_image(path: Path, where: str) -> Image.Image:
-    """PIL RGB image, or FileNotFoundError / DataError naming the file and the record."""
+def open_image(path: Path, where: str, header_only: bool = False) -> Image.Image | None:
+    """PIL RGB image, or FileNotFoundError / DataError naming the file and the record. With header_only,
+    only the header is read (unknown or non-image files fail; truncated pixel data does not) and None returned."""
+    if path.is_dir():
+        raise DataError(f"{where}: image {path} is a folder, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"{where}: image {path} does not exist")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return None if header_only else image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"{where}: image {path} cannot be read: {error}") from None
 
@@ -463,14 +466,7 @@ class MultiTaskDataset(torch.utils.data.Dataset):
                 question, answer = turns[0]
                 pieces = encode_turns(turns, tokenizer, where)
                 input_ids, _ = assemble_turns(*pieces, num_image_tokens, image_token_id, max_length, where)
-                path = self.image_folder / record["image"]
-                if not path.is_file():
-                    raise FileNotFoundError(f"{where}: image {path} does not exist")
-                try:
-                    with Image.open(path):
-                        pass
-                except (OSError, ValueError, Image.DecompressionBombError) as error:
-                    raise DataError(f"{where}: image {path} cannot be read: {error}") from None
+                open_image(self.image_folder / record["image"], where, header_only=True)
             except (DataError, FileNotFoundError) as error:
                 if not skip_bad_records:
                     raise
@@ -782,4 +778,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import cli
+
+    cli.run(main)

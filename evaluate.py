@@ -220,16 +220,9 @@ def _prompt_ids(mllm, question: str, max_length: int = 1_000_000) -> list[int]:
 
 
 def _load_images(records: list[dict], image_folder: Path):
-    from PIL import Image
+    from data import open_image
 
-    images = []
-    for record in records:
-        path = image_folder / record["image"]
-        if not path.is_file():
-            raise FileNotFoundError(f"image {path} of test record {record['id']!r} ({record['task']}) does not exist")
-        with Image.open(path) as image:
-            images.append(image.convert("RGB"))
-    return images
+    return [open_image(image_folder / r["image"], f"test record {r['id']!r} ({r['task']})") for r in records]
 
 
 def generate_answers(mllm, records: list[dict], image_folder: Path, batch_size: int = 8, max_new_tokens: int = 24,
@@ -599,4 +592,6 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    import cli
+
+    cli.run(main)

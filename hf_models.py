@@ -342,8 +342,9 @@ def hf_forward(model: nn.Module, via_hidden: bool | None = None):
         images = pixel_values if isinstance(pixel_values, dict) else {"pixel_values": pixel_values}
         if not via_hidden:
             return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_mask,
-                         **images).logits  # (N, V)
-        hidden = inner.model(input_ids=input_ids, attention_mask=attention_mask, **images).last_hidden_state
+                         use_cache=False, **images).logits  # (N, V)
+        hidden = inner.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                             **images).last_hidden_state
         return inner.get_output_embeddings()(hidden[logits_mask])  # (N, H) -> (N, V)
 
     return forward

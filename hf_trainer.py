@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -226,4 +225,6 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main(parse_args()) is not None else 1)
+    import cli
+
+    cli.run(lambda: 0 if main(parse_args()) is not None else 1)

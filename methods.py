@@ -33,11 +33,12 @@ from nrca import IGNORE_INDEX, answer_mean, answer_positions, nrca_objective, to
 
 
 def model_forward(model):
-    """The `forward` callable methods receive: answer-row logits (N, V) from `model` (maybe wrapped)."""
+    """The `forward` callable methods receive: answer-row logits (N, V) from `model` (maybe wrapped). A
+    training forward: no KV cache is built (use_cache=False)."""
 
     def forward(attention_mask, logits_mask, input_ids=None, pixel_values=None, inputs_embeds=None):
         return model(input_ids=input_ids, pixel_values=pixel_values, inputs_embeds=inputs_embeds,
-                     attention_mask=attention_mask, logits_to_keep=logits_mask).logits
+                     attention_mask=attention_mask, logits_to_keep=logits_mask, use_cache=False).logits
 
     return forward
 

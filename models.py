@@ -206,7 +206,7 @@ class VilaForConditionalGeneration(nn.Module):
                                       self.image_token_id)
 
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, inputs_embeds=None,
-                logits_to_keep: int | torch.Tensor = 0, position_ids=None, past_key_values=None,
+                logits_to_keep: int | torch.Tensor = 0, position_ids=None, cache=None,
                 use_cache=None, **kwargs) -> CausalLMOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("VilaForConditionalGeneration.forward: give exactly one of input_ids or inputs_embeds")
@@ -216,10 +216,9 @@ class VilaForConditionalGeneration(nn.Module):
             raise ValueError("VilaForConditionalGeneration.forward: inputs_embeds already hold the image; "
                              "pass pixel_values=None")
         outputs = self.llm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                 position_ids=position_ids, past_key_values=past_key_values,
-                                 use_cache=use_cache, **kwargs)
+                                 position_ids=position_ids, cache=cache, use_cache=use_cache, **kwargs)
         hidden = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)  # (num_true, H) for a bool mask
-        return CausalLMOutputWithPast(logits=self.llm.lm_head(hidden), past_key_values=outputs.past_key_values,
+        return CausalLMOutputWithPast(logits=self.llm.lm_head(hidden), cache=outputs.cache,
                                       hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 
@@ -342,7 +341,7 @@ class MLLM:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
             position_ids = position_ids[:, -1:] + 1  # (B, 1)
             out = self.model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+                             cache=out.cache, use_cache=True, logits_to_keep=1)
         tokens = torch.stack(new_tokens, 1) if new_tokens else input_ids.new_zeros(input_ids.shape[0], 0)  # (B, n)
         return tokens, attentions
 

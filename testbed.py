@@ -443,4 +443,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import cli
+
+    cli.run(main)

@@ -267,10 +267,12 @@ def parallelize(mllm, cfg: TrainConfig, world: int):
     decoder layer, every vision-tower layer and the connector become units sharded over the ranks (frozen
     ones too, so each rank holds about 1/world of their weights; embeddings (token, patch, position), lm_head
     and the norms outside the layers stay whole on every rank).
+    The model is left in training mode: transformers checkpoints only there, and dropout is 0 in these models,
+    so the numbers are those of eval mode (evaluation switches to eval mode and back).
     Returns (the model to call, the FSDP2 units whose weights train)."""
+    mllm.model.train()
     if cfg.activation_checkpointing:
-        for layer in mllm.decoder_layers:
-            checkpoint_layer(layer)
+        checkpoint_decoder_layers(mllm.language_model)
     if cfg.compile:
         for layer in mllm.decoder_layers:
             layer.compile()
@@ -293,23 +295,18 @@ def parallelize(mllm, cfg: TrainConfig, world: int):
     return DistributedDataParallel(mllm.model, device_ids=ids), []
 
 
-def checkpoint_layer(layer):
-    """Activation checkpointing of one decoder layer: the forward keeps only the layer's inputs, the backward
-    pass runs the layer again (torch.utils.checkpoint, non-reentrant) to get what it needs. The instance's
-    `forward` is wrapped, so module hooks (FSDP2's all-gather) stay outside the recomputed region; the KV cache
-    is not written in training (the recomputation would write it twice). Same numbers as without it: the
-    recomputation repeats the same deterministic ops (dropout is 0 in these models)."""
-    from torch.utils.checkpoint import checkpoint
-
-    forward = layer.forward
-
-    def checkpointed_forward(*args, **kwargs):
-        if not torch.is_grad_enabled():  # generation: nothing to keep (train.py leaves the model in eval mode)
-            return forward(*args, **kwargs)
-        kwargs = {**kwargs, "past_key_values": None, "use_cache": False}
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    layer.forward = checkpointed_forward
+def checkpoint_decoder_layers(decoder) -> None:
+    """Activation checkpointing of every decoder layer of `decoder` (a transformers decoder stack, e.g.
+    LlamaModel), with transformers' own mechanism: from 5.24 on, each `GradientCheckpointingLayer` checkpoints
+    its `forward` (torch.utils.checkpoint, non-reentrant), so module hooks (FSDP2's all-gather) stay outside
+    the recomputed region, and the KV cache is switched off inside it whatever the family calls it (`cache`,
+    `past_key_values`). Same numbers as without it: the recomputation repeats the same deterministic ops
+    (dropout is 0 in these models). transformers also hooks the token embeddings to make their output require
+    grad (for adapters on a fully frozen model); here the connector's trainable image features already carry
+    the gradient through every layer, so the hook is removed and the autograd graph is the one without
+    checkpointing."""
+    decoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    decoder.disable_input_require_grads()
 
 
 def full_tensor(t):
@@ -853,4 +850,6 @@ def print_results(cfg: TrainConfig, epoch_results: list):
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main(parse_config()) is not None else 1)
+    import cli
+
+    cli.run(lambda: 0 if main(parse_config()) is not None else 1)

@@ -333,4 +333,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import cli
+
+    cli.run(main)

@@ -41,7 +41,7 @@ class TinyLM(nn.Module):
         self.down = nn.Linear(width, vocab)
 
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, inputs_embeds=None,
-                logits_to_keep=None):
+                logits_to_keep=None, use_cache=None):
         hidden = torch.tanh(self.up(self.embed(input_ids)))  # (B, T, width)
         return SimpleNamespace(logits=self.down(hidden[logits_to_keep]))  # (N, V)
 

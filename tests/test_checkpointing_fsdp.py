@@ -1,6 +1,6 @@
 """Activation checkpointing and FSDP2 over the frozen trunk (train.py `parallelize`), on CPU.
 
-Covered: with --activation-checkpointing every decoder layer is recomputed in the backward pass and the
+Covered: with --activation-checkpointing every decoder layer runs again in the backward pass and the
 weights after 2 steps are bit-identical to a run without it (1 rank fp32 and bf16; 2 gloo ranks with DDP in
 fp32 and with FSDP2 in fp32 and bf16); --fsdp shards the frozen decoder layers and the vision-tower layers so
 each of 2 ranks holds half of their elements, and ends with the same trainable weights as DDP; the final save
@@ -32,35 +32,39 @@ def latest_weights(out_dir) -> dict:
     return load_file(str(out_dir / (out_dir / "latest").read_text().strip() / "trainable.safetensors"))
 
 
-class CountCheckpoints:
-    """Counts torch.utils.checkpoint.checkpoint calls (one per checkpointed layer forward in training)."""
+class CountAttentionCalls:
+    """Counts the decoder layers' attention forwards that run with autograd on (training forwards and their
+    recomputations in the backward pass; evaluation runs under no_grad). With activation checkpointing every
+    layer runs twice per training forward, since the connector's gradient flows through all of them."""
 
     def __init__(self, monkeypatch=None):
-        import torch.utils.checkpoint as module
+        from transformers.models.llama import modeling_llama
 
-        self.calls, self.real = 0, module.checkpoint
+        self.calls, real = 0, modeling_llama.LlamaAttention.forward
 
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return self.real(*args, **kwargs)
+        def counted(module, *args, **kwargs):
+            self.calls += torch.is_grad_enabled()
+            return real(module, *args, **kwargs)
 
         if monkeypatch is not None:
-            monkeypatch.setattr(module, "checkpoint", counted)
+            monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", counted)
         else:
-            module.checkpoint = counted
+            modeling_llama.LlamaAttention.forward = counted
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_checkpointing_gives_the_same_weights_on_one_rank(precision, synthetic_data_dir, tmp_path, monkeypatch):
-    counter = CountCheckpoints(monkeypatch)
-    weights = {}
+    counter = CountAttentionCalls(monkeypatch)
+    weights, calls = {}, {}
     for checkpointing in (False, True):
         before = counter.calls
         out = tmp_path / f"ckpt{checkpointing}"
         train.main(settings(synthetic_data_dir, out, precision=precision, activation_checkpointing=checkpointing))
-        # 2 steps x 2 micro-batches x 4 decoder layers are recomputed with checkpointing, none without.
-        assert counter.calls - before == (16 if checkpointing else 0)
+        calls[checkpointing] = counter.calls - before
         weights[checkpointing] = latest_weights(out)
+    # 2 steps x 2 micro-batches (NRCA's clean and noisy rows share one forward) x 4 decoder layers, each
+    # recomputed once in the backward pass with checkpointing.
+    assert calls == {False: 16, True: 32}
     moved = {n: p.detach() for n, p in models.load_model("tiny-llava").model.named_parameters() if n in weights[True]}
     assert all((weights[True][k].float() - moved[k]).abs().max() > 0 for k in moved)  # it trained
     # The recomputation repeats the same deterministic ops (autocast state restored): bit for bit.
@@ -70,7 +74,7 @@ def test_checkpointing_gives_the_same_weights_on_one_rank(precision, synthetic_d
 def _two_rank_worker(rank, world, data_dir, out_root):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.manual_seed(0)
-    counter = CountCheckpoints()
+    counter = CountAttentionCalls()
     # 1. Per-rank weight memory under FSDP2: the frozen decoder layers and the vision tower are sharded.
     cfg = settings(data_dir, Path(out_root) / "unused", fsdp=True)
     mllm = models.load_model("tiny-llava")
@@ -84,12 +88,14 @@ def _two_rank_worker(rank, world, data_dir, out_root):
     torch.save({"local": local, "full": full}, Path(out_root) / f"shards.rank{rank}.pt")
     # 2. Short NRCA runs: DDP / FSDP2 in fp32, FSDP2 in bf16, each without / with activation checkpointing.
     for fsdp, precision in ((False, "fp32"), (True, "fp32"), (True, "bf16")):
+        calls = {}
         for checkpointing in (False, True):
             before = counter.calls
             out = Path(out_root) / f"fsdp{fsdp}-{precision}-ckpt{checkpointing}"
             train._train(settings(data_dir, out, fsdp=fsdp, precision=precision,
                                   activation_checkpointing=checkpointing), rank, world, torch.device("cpu"))
-            assert (counter.calls - before > 0) == checkpointing
+            calls[checkpointing] = counter.calls - before
+        assert calls[False] > 0 and calls[True] == 2 * calls[False], calls  # every layer recomputed once
 
 
 @pytest.mark.slow

@@ -438,6 +438,7 @@ def image_folder(tmp_path):
     for i in range(4):
         Image.new("RGB", (12 + i, 8), (60 * i, 0, 0)).save(tmp_path / f"img_{i}.png")
     (tmp_path / "broken.png").write_text("this is not a png")
+    (tmp_path / "a_folder.png").mkdir()
     Image.new("L", (5, 5), 128).save(tmp_path / "grey.png")
     return tmp_path
 
@@ -464,6 +465,8 @@ def test_dataset_bad_inputs_raise_clearly_or_are_counted(bpe, image_folder, capl
     bad = [
         (record("missing", image="nowhere.png"), FileNotFoundError, r"record 1 \(id 'missing'.*nowhere\.png does not"),
         (record("broken", image="broken.png"), DataError, r"record 1 \(id 'broken'.*broken\.png cannot be read"),
+        (record("folder", image="a_folder.png"), DataError,
+         r"record 1 \(id 'folder'.*a_folder\.png is a folder, not an image file"),
         ({"id": "noanswer", "image": "img_0.png", "conversations": record(0)["conversations"][:1]}, DataError,
          r"record 1 \(id 'noanswer'.*no answer turn"),
         (record("long", question=long_question), DataError, r"record 1 \(id 'long'.*no room for an answer token"),
@@ -475,12 +478,12 @@ def test_dataset_bad_inputs_raise_clearly_or_are_counted(bpe, image_folder, capl
     with caplog.at_level(logging.WARNING, logger="nrca.data"):
         dataset = make_dataset([good[0]] + [b for b, _, _ in bad] + [good[1]], image_folder, bpe, skip_bad_records=True)
     assert [r["id"] for r in dataset.records] == [0, 1] and len(dataset) == 2
-    assert len(dataset.skipped) == 4
+    assert len(dataset.skipped) == 5
     for message, (_, _, pattern) in zip(dataset.skipped, bad, strict=True):
         assert re.search(pattern.replace("record 1", r"record \d"), message), message
     messages = [r.message for r in caplog.records]
-    assert sum("skipping bad record" in m for m in messages) == 4
-    assert any("skipped 4 of 6 records" in m for m in messages)
+    assert sum("skipping bad record" in m for m in messages) == 5
+    assert any("skipped 5 of 7 records" in m for m in messages)
     with pytest.raises(DataError, match="no usable record"):
         make_dataset([bad[0][0]], image_folder, bpe, skip_bad_records=True)
 

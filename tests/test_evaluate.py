@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import data
 import evaluate
 import metrics
 import reporting
@@ -346,8 +347,13 @@ def test_tiny_model_end_to_end(tmp_path, tiny_llava):
 def test_missing_image_and_bad_records_are_named(tmp_path, tiny_llava):
     data_dir = _synthetic_test_split(tmp_path / "data", n=2)
     (data_dir / "images" / "test_00001.png").unlink()
-    with pytest.raises(FileNotFoundError, match=r"test_00001.png of test record 'synthetic-test-00001-caption'"):
+    with pytest.raises(FileNotFoundError, match=r"test record 'synthetic-test-00001-caption' \(caption\): image "
+                                                 r".*test_00001.png does not exist"):
         evaluate.evaluate_model(tiny_llava, data_dir, max_new_tokens=2)
+    (data_dir / "images" / "test_00001.png").mkdir()
+    with pytest.raises(data.DataError, match=r"test_00001.png is a folder, not an image file"):
+        evaluate.evaluate_model(tiny_llava, data_dir, max_new_tokens=2)
+    (data_dir / "images" / "test_00001.png").rmdir()
     records = json.loads((data_dir / "test_caption.json").read_text())
     records[1]["id"] = records[0]["id"]
     with pytest.raises(ValueError, match="duplicate id 'synthetic-test-00000-caption'"):

@@ -567,3 +567,32 @@ def test_truncated_safetensors_is_named(tmp_path, keep):
     projector.write_bytes(projector.read_bytes()[:keep])
     with pytest.raises(ValueError, match=rf"{projector}: truncated"):
         models.load_model(str(vila))
+
+
+def test_loading_training_and_generating_open_no_connection(monkeypatch, tmp_path):
+    """transformers >= 5.24 installs `kernels`, which wraps some layers' forward and can fetch kernels from the Hub
+    (only on `kernelize()` / `use_kernels=True`, which nrca never asks for). Loading from a local folder, a
+    training step and generation must not open a single connection."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a network connection was attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    with pytest.raises(AssertionError, match="network connection"):  # the guard itself works
+        socket.create_connection(("127.0.0.1", 9))
+    for kind in KINDS:
+        models.load_model(kind).save(str(tmp_path / kind))
+        mllm = models.load_model(str(tmp_path / kind))
+        models.freeze_for_finetuning(mllm)
+        mllm.model.train()
+        ids = prompt_ids(mllm, "What is shown?") + [7, 8, mllm.eos_token_id]
+        input_ids = torch.tensor([ids])  # (1, T)
+        keep = torch.zeros_like(input_ids, dtype=torch.bool)
+        keep[0, -3:-1] = True
+        logits = mllm.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                            pixel_values=mllm.preprocess(images(1)), logits_to_keep=keep, use_cache=False).logits
+        logits.sum().backward()
+        prompt, mask = left_pad([prompt_ids(mllm, "Which colour?")], mllm.pad_token_id)
+        assert mllm.generate(prompt, mask, mllm.preprocess(images(1)), max_new_tokens=3).shape[0] == 1
