@@ -26,8 +26,10 @@ Run folder (what train.py writes and this file reads):
     RUN/predictions_{task}.jsonl   one line per record: id, prompt, prediction, references | answer
 eval.json holds: cider (x100, the paper's scale), bleu4 / rouge_l / meteor (x100), accuracy (%), avg
 (mean of cider and accuracy, the tables' AVG), counts n_caption, n_choice, n_empty_predictions,
-n_unparsable, n_option_text_matched, n_correct, the dataset names, the noise settings and, with
---attention, attention_{task}_{system|prompt|visual}_{all|mid}.
+n_unparsable, n_option_text_matched, n_correct, the dataset names, the noise settings, for caption records
+that carry their picture's "scene" (the testbed's) grounding.py's grounded_* scores, and, with --attention,
+attention_{task}_{system|prompt|visual}_{all|mid}. A data folder may also hold a validation split
+(val_caption.json, val_choice.json; `--split val`), which the testbed's sweeps choose settings on.
 
 Not here: SPICE, upstream/general benchmarks (forgetting, arXiv 2503.04543), the Fig. 3 bar plot
 (`table --noisy` prints the numbers), evaluating a model sharded with FSDP (ranks generate
@@ -62,7 +64,14 @@ from metrics import LETTERS, caption_metrics, choice_metrics, options_from_quest
 from reporting import format_table, plot_curves, read_eval, run_name
 
 TASKS = ("caption", "choice")
-DEFAULT_SPLIT_FILES = {"caption": "test_caption.json", "choice": "test_choice.json"}
+SPLITS = ("test", "val")  # a data folder's evaluation splits: {split}_caption.json, {split}_choice.json
+
+
+def split_files(split: str = "test") -> dict[str, str]:
+    """{task: file name} of one evaluation split in a data folder."""
+    if split not in SPLITS:
+        raise ValueError(f"evaluation split {split!r}: expected one of {SPLITS}")
+    return {task: f"{split}_{task}.json" for task in TASKS}
 ATTENTION_PARTS = ("system", "prompt", "visual")
 
 
@@ -136,20 +145,18 @@ def validate_test_records(records: list[dict], task: str, source: str = "records
     return out
 
 
-def resolve_splits(data, tests: list[str] | None = None) -> list[tuple[str, str, str]]:
-    """(task, name, path) of each test split: --test specs, else DATA/test_caption.json and
-    DATA/test_choice.json (whichever exist; names from the file stems)."""
+def resolve_splits(data, tests: list[str] | None = None, split: str = "test") -> list[tuple[str, str, str]]:
+    """(task, name, path) of each evaluation split: --test specs, else DATA/{split}_caption.json and
+    DATA/{split}_choice.json (whichever exist; names from the file stems)."""
     if tests:
         return [parse_test_spec(spec) for spec in tests]
-    root = Path(data)
+    root, files = Path(data), split_files(split)
     if not root.is_dir():
-        raise FileNotFoundError(f"data folder {root} does not exist (expected {DEFAULT_SPLIT_FILES['caption']} "
-                                f"and/or {DEFAULT_SPLIT_FILES['choice']} in it, or pass --test TASK:NAME=PATH)")
-    splits = [(task, Path(name).stem, str(root / name)) for task, name in DEFAULT_SPLIT_FILES.items()
-              if (root / name).is_file()]
+        raise FileNotFoundError(f"data folder {root} does not exist (expected {files['caption']} "
+                                f"and/or {files['choice']} in it, or pass --test TASK:NAME=PATH)")
+    splits = [(task, Path(name).stem, str(root / name)) for task, name in files.items() if (root / name).is_file()]
     if not splits:
-        raise FileNotFoundError(f"data folder {root} has neither {DEFAULT_SPLIT_FILES['caption']} nor "
-                                f"{DEFAULT_SPLIT_FILES['choice']}")
+        raise FileNotFoundError(f"data folder {root} has neither {files['caption']} nor {files['choice']}")
     return splits
 
 
@@ -280,7 +287,8 @@ def evaluate_model(mllm, data=None, out_dir=None, tests: list[str] | None = None
                    batch_size: int = 8, max_new_tokens: int = 24, limit: int = 0, noisy: bool = False,
                    noise_seed: int = 0, delta: float = 0.5, attention: bool = False, rank: int = 0,
                    world_size: int = 1, bleu: bool = True, rouge: bool = True, meteor: bool = False,
-                   match_text: bool = True, progress: bool = False, meta: dict | None = None) -> dict:
+                   match_text: bool = True, progress: bool = False, meta: dict | None = None,
+                   split: str = "test") -> dict:
     """Generate on the test split(s) and score them; every rank returns the same flat result dict
     (what eval.json holds). With world_size > 1 (an initialised process group) rank r generates records
     r::world_size of each split, the answers are gathered with all_gather_object, and rank 0 scores
@@ -291,14 +299,15 @@ def evaluate_model(mllm, data=None, out_dir=None, tests: list[str] | None = None
     in the test files); tests: TASK:NAME=PATH specs instead; image_folder: where record["image"] paths
     are relative to (default: each test file's folder, i.e. the data folder; "." for given records).
     limit: first N records per split (0: all). meta: extra JSON fields recorded first in eval.json (e.g.
-    the model path)."""
+    the model path). split: which of a data folder's splits, "test" or "val" (the testbed's validation split).
+    Caption records that carry their picture's "scene" (the testbed's) also get grounding.py's scores."""
     if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"evaluate_model: world_size={world_size} needs an initialised torch.distributed "
                            "process group (torchrun)")
     if isinstance(data, dict):
         splits = [(task, task, None) for task in data]
     else:
-        splits = resolve_splits(data, tests)
+        splits = resolve_splits(data, tests, split)
     suffix = "_noisy" if noisy else ""
     result = {**(meta or {}), "noisy": noisy, "noise_seed": noise_seed if noisy else None,
               "delta": delta if noisy else None, "max_new_tokens": max_new_tokens}
@@ -350,6 +359,16 @@ def evaluate_model(mllm, data=None, out_dir=None, tests: list[str] | None = None
     return result
 
 
+def grounded(predictions: dict, records: list[dict]) -> dict:
+    """grounding.py's phrasing-invariant scores for the caption records that carry a scene ({} if none does)."""
+    scenes = {r["id"]: r["scene"] for r in records if isinstance(r.get("scene"), dict)}
+    if not scenes:
+        return {}
+    import grounding
+
+    return grounding.grounded_scores(predictions, scenes)
+
+
 def _score_task(task: str, records: list[dict], by_id: dict, bleu: bool, rouge: bool, meteor: bool,
                 match_text: bool) -> dict:
     predictions = {r["id"]: by_id[r["id"]]["prediction"] for r in records}
@@ -362,7 +381,7 @@ def _score_task(task: str, records: list[dict], by_id: dict, bleu: bool, rouge: 
                 out[key] = 100 * scores[key]
         for record in records:
             by_id[record["id"]]["cider"] = scores["cider_per_id"][record["id"]]
-        return out
+        return {**out, **grounded(predictions, records)}
     scores = choice_metrics(predictions, {r["id"]: r["answer"] for r in records},
                             {r["id"]: r["options"] for r in records}, match_text=match_text)
     for record in records:
@@ -427,6 +446,9 @@ def _summary_line(result: dict) -> str:
                      f"unparsable={result['n_unparsable']})")
     if "avg" in result:
         parts.append(f"AVG {result['avg']:.2f}")
+    if "grounded_all" in result:
+        parts.append(f"grounded: all attributes right {result['grounded_all']:.1f} %, fabricated detail "
+                     f"{result['grounded_fabricated']:.1f} %")
     parts.append(f"empty predictions {result.get('n_empty_predictions', 0)}")
     return " | ".join(parts)
 
@@ -436,6 +458,8 @@ def main_evaluate(argv: list[str]) -> dict:
     parser.add_argument("checkpoint", help="run folder (config.json + final/), model folder, tiny-llava or tiny-vila")
     parser.add_argument("--data", help="folder with test_caption.json / test_choice.json (default: the run's "
                                        "config.json data_dir)")
+    parser.add_argument("--split", default="test", choices=SPLITS, help="which split of --data: test, or val (the "
+                                                                        "testbed's validation split)")
     parser.add_argument("--test", action="append", help="TASK:NAME=PATH test split instead of --data (repeatable)")
     parser.add_argument("--image-folder", help="folder record images are relative to (default: the data folder)")
     parser.add_argument("--out", help="where eval.json and predictions go (default: the run/checkpoint folder)")
@@ -484,7 +508,8 @@ def main_evaluate(argv: list[str]) -> dict:
             max_new_tokens=args.max_new_tokens or config.get("eval_max_new_tokens") or 24, limit=args.limit,
             noisy=args.noisy, noise_seed=args.noise_seed, delta=args.delta, attention=args.attention, rank=rank,
             world_size=world, meteor=args.meteor, match_text=not args.no_text_match, progress=True,
-            meta={"model": model_path, "data": args.test or str(data)})
+            meta={"model": model_path, "data": args.test or str(data), "split": None if args.test else args.split},
+            split=args.split)
         if rank == 0:
             print(_summary_line(result))
             if args.attention:
@@ -564,7 +589,7 @@ def main_score(argv: list[str]) -> dict:
     if task == "caption":
         scores = caption_metrics(predictions, {r["id"]: r["references"] for r in records}, meteor=args.meteor,
                                  allow_empty=args.allow_empty)
-        result = {k: 100 * v for k, v in scores.items() if k != "cider_per_id"}
+        result = {**{k: 100 * v for k, v in scores.items() if k != "cider_per_id"}, **grounded(predictions, records)}
     else:
         scores = choice_metrics(predictions, {r["id"]: r["answer"] for r in records},
                                 {r["id"]: r["options"] for r in records})

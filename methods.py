@@ -132,7 +132,8 @@ class NRCA(Method):
             clean_stats, noisy_stats = self.two_branch_stats(forward, batch, noisy)
         (confidence, nll, mask), (noisy_confidence, _, _) = clean_stats, noisy_stats
         out = nrca_objective(nll, confidence, noisy_confidence, mask, lam=self.cfg.lam,
-                             min_open_tokens=self.cfg.min_open_tokens)
+                             min_open_tokens=self.cfg.min_open_tokens,
+                             alignment=self.cfg.nrca_alignment)
         metrics = {"ce": out.ce.detach(), "alignment": out.alignment.detach(),
                    "n_open": int(out.n_open), "n_empty": int(out.n_empty),
                    # Eq. (5b) made visible: mean I and I~ of the open samples, share with I~ > I.

@@ -38,6 +38,16 @@ Two entry points:
 - `nrca_loss(clean_logits, noisy_logits, labels)`: the end-to-end form for readers (shift, gather the
   answer rows, `confidence_kernel.token_confidence` on both branches, `nrca_objective`).
 
+Beyond the paper (off by default; `alignment=`, train.py --nrca-alignment). With I and CE detached, Eq. (5b)'s
+gradient is lam * sg(CE) / sg(I) * sign(I~ - I) * dI~: its size does not depend on the gap I~ - I and grows as I
+falls, its sign flips with the gap. On the testbed this push dominates the CE gradient from the first steps and
+some seeds diverge (README, "The testbed"). Three variants, each aimed at one part of that mechanism, were
+defined before any of them ran (scripts/testbed_study.py):
+    "squared"             1/2 (1 - I~/sg(I))^2 * sg(CE)   gradient proportional to the gap (0 when aligned)
+    "difference"          |sg(I) - I~| * sg(CE)           no 1/I amplification, constant size as Eq. (5b)
+    "squared-difference"  1/2 (sg(I) - I~)^2 * sg(CE)     both
+The paper's Eq. (5b) ("paper") stays the default and exact.
+
 Not done here: building the noisy view (noise.py, Eq. 2) and running the model (methods.py).
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_nrca.py
@@ -52,6 +62,7 @@ import torch
 from confidence_kernel import token_confidence
 
 IGNORE_INDEX = -100
+ALIGNMENTS = ("paper", "squared", "difference", "squared-difference")  # Eq. (5b), then the variants above
 
 
 @dataclass
@@ -91,6 +102,7 @@ def nrca_objective(
     label_mask: torch.Tensor,
     lam: float = 2.0,
     min_open_tokens: int = 3,
+    alignment: str = "paper",
 ) -> NRCAOutput:
     """Eq. (4)-(6) from per-token values on the (B, T) answer grid.
 
@@ -102,6 +114,7 @@ def nrca_objective(
         released code counts label tokens != -100 in the *unshifted* labels and tests `> 2`; after the
         one-token shift the count is the same unless the first label position is itself an answer
         token, which never happens (position 0 is BOS / the system prompt). So 3 here == `> 2` there.
+    alignment: "paper" (Eq. 5b) or one of the variants beyond the paper (module docstring).
     """
     _check_grid("nll", nll, label_mask)
     _check_grid("confidence", confidence, label_mask)
@@ -109,6 +122,8 @@ def nrca_objective(
     lam = float(lam)
     if not lam >= 0.0 or lam == float("inf"):
         raise ValueError(f"nrca.nrca_objective: lam must be a finite number >= 0, got {lam}")
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"nrca.nrca_objective: alignment must be one of {ALIGNMENTS}, got {alignment!r}")
     if int(min_open_tokens) != min_open_tokens or min_open_tokens < 1:
         raise ValueError(f"nrca.nrca_objective: min_open_tokens must be an integer >= 1, got {min_open_tokens}")
 
@@ -129,14 +144,18 @@ def nrca_objective(
     # Division by 1 where the term is not used, so no inf/NaN is created even in the unused branch
     # (a NaN there would still reach the gradient through torch.where's backward).
     safe_clean = torch.where(is_open, clean_confidence, 1.0)  # (B,)
-    ratio = noisy_mean_confidence / safe_clean  # (B,) I~ / sg(I)
-    alignment_per_sample = (1.0 - ratio).abs() * ce_per_sample.detach()  # (B,) Eq. (5b), sg(CE)
+    if alignment in ("paper", "squared"):
+        gap = 1.0 - noisy_mean_confidence / safe_clean  # (B,) 1 - I~ / sg(I)
+    else:
+        gap = safe_clean - noisy_mean_confidence  # (B,) sg(I) - I~
+    gap = gap.abs() if alignment in ("paper", "difference") else 0.5 * gap.square()  # (B,)
+    alignment_per_sample = gap * ce_per_sample.detach()  # (B,) Eq. (5b) (or a variant), times sg(CE)
     n_open = is_open.sum()  # ()
-    alignment = torch.where(is_open, alignment_per_sample, 0.0).sum() / n_open.clamp(min=1)  # ()
+    alignment_term = torch.where(is_open, alignment_per_sample, 0.0).sum() / n_open.clamp(min=1)  # ()
 
-    total = ce + lam * alignment  # Eq. (6)
+    total = ce + lam * alignment_term  # Eq. (6)
     open_mean = lambda x: torch.where(is_open, x.detach(), 0.0).sum() / n_open.clamp(min=1)
-    return NRCAOutput(total=total, ce=ce, alignment=alignment, n_open=n_open, n_empty=(~has_answer).sum(),
+    return NRCAOutput(total=total, ce=ce, alignment=alignment_term, n_open=n_open, n_empty=(~has_answer).sum(),
                       open_confidence=open_mean(clean_confidence),
                       open_noisy_confidence=open_mean(noisy_mean_confidence),
                       noisy_above_clean=open_mean((noisy_mean_confidence > clean_confidence).float()))

@@ -198,17 +198,20 @@ def plot_curves(runs: list[str | Path], out: str | Path, metrics=("cider", "accu
 
 
 def format_side_by_side(runs: list[str | Path]) -> str:
-    """The embedded default's printout: per-epoch CIDEr / accuracy of several runs side by side (Fig. 1),
-    then each final model's clean vs noisy (delta = 0.5) scores and their gap (Fig. 3), from each run's
-    metrics.jsonl and eval_noisy.json (when present)."""
+    """The embedded default's printout: per-epoch scores of several runs side by side (Fig. 1): CIDEr and
+    accuracy, and where the test records carry scenes (the testbed) grounding.py's all-attributes-right and
+    fabricated-detail rates; then each final model's clean vs noisy (delta = 0.5) scores and their gap
+    (Fig. 3), from each run's metrics.jsonl and eval_noisy.json (when present)."""
     names = [run_name(run) for run in runs]
     curves = [dict(epoch_evals(run)) for run in runs]
     epochs = sorted({e for curve in curves for e in curve})
-    header = " | ".join(f"{name} CIDEr | {name} accuracy" for name in names)
-    lines = [f"| epoch | {header} |", "|---:" + "|---:|---:" * len(runs) + "|"]
+    columns = [("cider", "CIDEr"), ("accuracy", "accuracy")]
+    if any("grounded_all" in result for curve in curves for result in curve.values()):
+        columns += [("grounded_all", "all right %"), ("grounded_fabricated", "fabricated %")]
+    header = " | ".join(f"{name} {label}" for name in names for _, label in columns)
+    lines = [f"| epoch | {header} |", "|---:" + "|---:" * len(runs) * len(columns) + "|"]
     for epoch in epochs:
-        cells = [f"{_fmt(curve.get(epoch, {}).get('cider'))} | {_fmt(curve.get(epoch, {}).get('accuracy'))}"
-                 for curve in curves]
+        cells = [_fmt(curve.get(epoch, {}).get(key)) for curve in curves for key, _ in columns]
         lines.append(f"| {epoch:g} | " + " | ".join(cells) + " |")
     noisy_rows = []
     for name, run, curve in zip(names, runs, curves, strict=True):
@@ -216,12 +219,12 @@ def format_side_by_side(runs: list[str | Path]) -> str:
         if path.is_file() and curve:
             clean, noisy = curve[max(curve)], json.loads(path.read_text())
             cells = []
-            for key in ("cider", "accuracy"):
+            for key, _ in columns:
                 a, b = clean.get(key), noisy.get(key)
                 cells += [_fmt(a), _fmt(b), _fmt(None if a is None or b is None else b - a)]
             noisy_rows.append(f"| {name} | " + " | ".join(cells) + " |")
     if noisy_rows:
+        header = " | ".join(f"{label} clean | {label} noisy | gap" for _, label in columns)
         lines += ["", f"final models on clean vs noisy images (delta = {noisy.get('delta')}, Fig. 3):",
-                  "| run | CIDEr clean | CIDEr noisy | gap | accuracy clean | accuracy noisy | gap |",
-                  "|---|---:|---:|---:|---:|---:|---:|"] + noisy_rows
+                  f"| run | {header} |", "|---" + "|---:|---:|---:" * len(columns) + "|"] + noisy_rows
     return "\n".join(lines)

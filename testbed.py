@@ -43,8 +43,13 @@ Files (LLaVA / DataOptim JSON, the format the real path reads; data.py reads the
     ROOT/train_caption.json, train_choice.json               downstream fine-tuning mix, k records each
     ROOT/test_caption.json  (+ "references": 5 captions)     >= 300 records, other images
     ROOT/test_choice.json   (+ "answer", "options")          >= 300 records, other images
-    ROOT/images/{pretrain,train,test}_{i:05d}.png
-Everything is deterministic for a given seed (same bytes); the three splits share no image.
+    ROOT/val_caption.json, val_choice.json                   the validation split, as the test split, other images
+    ROOT/images/{pretrain,train,test,val}_{i:05d}.png
+Every test and validation record keeps its picture's "scene" ({"colour": "red", ...}), which grounding.py
+scores captions against. The validation split serves every choice made by looking at results (the sweeps of
+scripts/testbed_study.py); the test split is read for the final report only. Everything is deterministic for a
+given seed (same bytes); the four splits share no image, and train and test are those of world v9 (the
+validation pictures are drawn last).
 
     python testbed.py data/testbed-seed0 --seed 0        # write the world (train.py does this itself)
 """
@@ -67,7 +72,7 @@ COUNTS = ("one", "two", "three")
 POSITIONS = ("left", "right", "top", "bottom")
 SIZES = ("small", "large")
 ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "count": COUNTS, "position": POSITIONS, "size": SIZES}
-WORLD_VERSION = 9  # in the world's stamp: bump it when anything the generator writes changes
+WORLD_VERSION = 10  # in the world's stamp: bump it when anything the generator writes changes
 PRETRAIN_VERSION = 5  # in the cached base model's folder name: bump it when the pre-training corpus changes
 IMAGE_SIDE = 64
 
@@ -244,11 +249,34 @@ def write_pretraining(root, n_images: int = 3000, seed: int = 0) -> dict:
     return {"pretrain/train_caption.json": len(captions), "pretrain/train_choice.json": len(choices)}
 
 
-def write_downstream(root, k: int = 500, n_test: int = 300, seed: int = 0) -> dict:
-    """The downstream mix (k caption + k choice records, each on its own image, human-written captions)
-    and the test splits (n_test images per task, 5 grounded references per caption image)."""
-    if k < 1 or n_test < 1:
-        raise ValueError(f"testbed.write_downstream: need k >= 1 and n_test >= 1, got k={k}, n_test={n_test}")
+def _evaluation_split(root: Path, split: str, n: int, rng: random.Random) -> dict[str, list[dict]]:
+    """n caption records (5 grounded references each) and n multiple-choice records on 2n new images; every
+    record keeps the scene its picture was drawn from (grounding.py scores captions against it)."""
+    scenes = _images(root, split, 2 * n, rng)
+    captions, choices = [], []
+    for i, (scene, path) in enumerate(scenes[:n]):
+        references = scene_captions(scene)
+        record = _caption_record(f"{split}-{i:05d}-caption", path, rng.choice(CAPTION_PROMPTS), references[0])
+        record.update(references=references, scene=scene)
+        captions.append(record)
+    for i, (scene, path) in enumerate(scenes[n:]):
+        kind = rng.choice(DOWNSTREAM_QUESTION_KINDS)
+        question, options, letter = scene_question(scene, kind, QUESTIONS[kind][0], rng)
+        record = _choice_record(f"{split}-{i:05d}-choice", path, question, letter)
+        record.update(answer=letter, options=options, scene=scene)
+        choices.append(record)
+    return {f"{split}_caption.json": captions, f"{split}_choice.json": choices}
+
+
+def write_downstream(root, k: int = 500, n_test: int = 300, seed: int = 0, n_val: int | None = None) -> dict:
+    """The downstream mix (k caption + k choice records, each on its own image, human-written captions), the
+    test splits (n_test images per task, 5 grounded references per caption image) and the validation splits
+    (n_val per task, default n_test; drawn after the test pictures, so train and test are those of a world
+    without them), the three on disjoint pictures."""
+    n_val = n_test if n_val is None else n_val
+    if k < 1 or n_test < 1 or n_val < 1:
+        raise ValueError(f"testbed.write_downstream: need k, n_test, n_val >= 1, got k={k}, n_test={n_test}, "
+                         f"n_val={n_val}")
     root = Path(root)
     rng = random.Random(f"testbed-downstream-{seed}")
     scenes = _images(root, "train", 2 * k, rng)
@@ -259,20 +287,8 @@ def write_downstream(root, k: int = 500, n_test: int = 300, seed: int = 0) -> di
         kind = rng.choice(DOWNSTREAM_QUESTION_KINDS)
         question, _, letter = scene_question(scene, kind, QUESTIONS[kind][0], rng)
         choices.append(_choice_record(f"train-{i:05d}-choice", path, question, letter))
-    tests = _images(root, "test", 2 * n_test, rng)
-    test_captions, test_choices = [], []
-    for i, (scene, path) in enumerate(tests[:n_test]):
-        record = _caption_record(f"test-{i:05d}-caption", path, rng.choice(CAPTION_PROMPTS), scene_captions(scene)[0])
-        record["references"] = scene_captions(scene)
-        test_captions.append(record)
-    for i, (scene, path) in enumerate(tests[n_test:]):
-        kind = rng.choice(DOWNSTREAM_QUESTION_KINDS)
-        question, options, letter = scene_question(scene, kind, QUESTIONS[kind][0], rng)
-        record = _choice_record(f"test-{i:05d}-choice", path, question, letter)
-        record.update(answer=letter, options=options)
-        test_choices.append(record)
-    files = {"train_caption.json": captions, "train_choice.json": choices, "test_caption.json": test_captions,
-             "test_choice.json": test_choices}
+    files = {"train_caption.json": captions, "train_choice.json": choices,
+             **_evaluation_split(root, "test", n_test, rng), **_evaluation_split(root, "val", n_val, rng)}
     for name, records in files.items():
         _write(root / name, records)
     return {name: len(records) for name, records in files.items()}

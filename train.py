@@ -46,6 +46,7 @@ import models
 import run_folder
 import testbed
 from methods import METHODS, get_method, model_forward
+from nrca import ALIGNMENTS
 
 
 def _f(default, help):  # a dataclass field with its comment, which argparse shows as --help
@@ -83,6 +84,8 @@ class TrainConfig:
     noise_stats: str = _f("image", "image (paper: each image's own mu, sigma) | batch (released code)")
     min_open_tokens: int = _f(3, "open-response sample = at least this many answer tokens (released: > 2)")
     nrca_impl: str = _f("fused", "fused (one 2B forward, fused kernel) | released (two forwards, fp32 logits)")
+    nrca_alignment: str = _f("paper", "Eq. (5b) as published (paper) or a variant beyond the paper: squared | "
+                                      "difference | squared-difference (nrca.py; README, 'The testbed')")
     reg_lam: float = _f(None, "L2-Reg / Grafting strength (default 1e-3 / 1e-6)")
     mask_ratio: float = _f(0.5, "Random / Magnitude Mask: share of elements kept at pre-trained values")
     mask_redraw: str = _f("once", "Random Mask: once (released code) | every-step (paper text)")
@@ -124,6 +127,8 @@ class TrainConfig:
     eval_every_epoch: bool = _f(True, "evaluate on the test split after every epoch (Fig. 1 curves)")
     eval_max_new_tokens: int = _f(24, "generation length for evaluation")
     eval_limit: int = _f(0, "evaluate on the first N test records per task (0: all)")
+    eval_split: str = _f("test", "split of --data-dir the per-epoch evaluation reads: test | val (the testbed's "
+                                 "validation split, for choices made by looking at results)")
     eval_noisy_final: bool = _f(False, "also evaluate the final model on delta = 0.5 inputs (Fig. 3): eval_noisy.json")
     compare: str = _f("", "comma-separated methods also trained from the same base, with the same data and "
                           "schedule, into OUT_DIR/METHOD; their per-epoch scores are printed side by side")
@@ -196,6 +201,7 @@ def validate_config(cfg: TrainConfig) -> None:
         (0 <= cfg.delta <= 1, f"--delta {cfg.delta}: expected in [0, 1] (Eq. 2b)"),
         (cfg.noise_stats in ("image", "batch"), f"--noise-stats {cfg.noise_stats!r}: expected image or batch"),
         (cfg.nrca_impl in ("fused", "released"), f"--nrca-impl {cfg.nrca_impl!r}: expected fused or released"),
+        (cfg.nrca_alignment in ALIGNMENTS, f"--nrca-alignment {cfg.nrca_alignment!r}: expected one of {ALIGNMENTS}"),
         (cfg.mask_redraw in ("once", "every-step"), f"--mask-redraw {cfg.mask_redraw!r}: once or every-step"),
         (0 < cfg.mask_ratio < 1, f"--mask-ratio {cfg.mask_ratio}: expected in (0, 1)"),
         (cfg.mi_divergence in ("kl", "js"), f"--mi-divergence {cfg.mi_divergence!r}: expected kl or js"),
@@ -208,6 +214,7 @@ def validate_config(cfg: TrainConfig) -> None:
         (0 <= cfg.warmup_ratio < 1, f"--warmup-ratio {cfg.warmup_ratio}: expected in [0, 1)"),
         (cfg.max_grad_norm >= 0, f"--max-grad-norm {cfg.max_grad_norm}: expected >= 0"),
         (cfg.precision in ("auto", "bf16", "fp32"), f"--precision {cfg.precision!r}: auto, bf16 or fp32"),
+        (cfg.eval_split in ("test", "val"), f"--eval-split {cfg.eval_split!r}: expected test or val"),
         (cfg.vila_downsample_order in ("auto", *models.DOWNSAMPLE_ORDERS),
          f"--vila-downsample-order {cfg.vila_downsample_order!r}: auto, vila1.5 or nvila"),
         (cfg.max_length >= 8, f"--max-length {cfg.max_length}: too small"),
@@ -580,7 +587,7 @@ def pretrain_base_model(cfg: TrainConfig, rank: int, world: int, device) -> Path
     if world > 1:
         dist.barrier()
     if not (base_dir / "final" / "config.json").exists():
-        tower_dir = base_dir / "vision-stage"
+        tower_dir, started = base_dir / "vision-stage", time.perf_counter()
         if rank == 0 and not (tower_dir / "config.json").exists():
             torch.manual_seed(cfg.seed)
             mllm = models.load_model(cfg.model)
@@ -588,6 +595,7 @@ def pretrain_base_model(cfg: TrainConfig, rank: int, world: int, device) -> Path
             print(f"stage 1: the vision tower names the attributes of the pre-training images (% correct, last "
                   f"epoch, half of them noisy): {accuracy}")
             mllm.save(str(tower_dir))
+            run_folder.write_json_atomic(base_dir / "seconds.json", {"vision_tower": time.perf_counter() - started})
         if world > 1:
             dist.barrier()
         base = dataclasses.replace(cfg, model=str(tower_dir), method="pretrain", epochs=cfg.base_epochs, base_epochs=0,
@@ -600,8 +608,13 @@ def pretrain_base_model(cfg: TrainConfig, rank: int, world: int, device) -> Path
         if rank == 0:
             print(f"stage 2: pre-training the base {cfg.model} in {base_dir} ({cfg.base_epochs} epochs, every part "
                   "trains, noise-augmented)")
+        started = time.perf_counter()
         with claimed_run_folder(base, rank, world):
             _train(base, rank, world, device)
+        if rank == 0:
+            timing = base_dir / "seconds.json"  # where the base's time went (README, testbed study)
+            seconds = json.loads(timing.read_text()) if timing.is_file() else {}
+            run_folder.write_json_atomic(timing, {**seconds, "pretraining": time.perf_counter() - started})
         if world > 1:
             dist.barrier()
     report = base_dir / f"gates-world{testbed.WORLD_VERSION}.json"  # on this world's test split
@@ -722,6 +735,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
             elapsed = time.perf_counter() - started
             record = {"step": step, "epoch": epoch + (step_in_epoch + 1) / steps_per_epoch, **totals,
                       "lr": scheduler.get_last_lr()[-1], "tokens_per_s": n_tokens * world / elapsed,
+                      "seconds": elapsed,
                       "peak_memory_mb": peak_memory_mb(device)}
             if grad_norm is not None:
                 record["grad_norm"] = float(full_tensor(grad_norm))
@@ -794,11 +808,12 @@ def save_model_whole(mllm, folder: Path) -> None:
 
 def evaluate_epoch(cfg: TrainConfig, mllm, epoch: int, rank: int, world: int, out_dir: Path,
                    noisy: bool = False) -> dict:
-    """Per-epoch evaluation on the test split (paper Fig. 1), appended to metrics.jsonl. With noisy=True
-    (--eval-noisy-final): the final model on delta = 0.5 inputs (Fig. 3), written to OUT_DIR/eval_noisy.json
-    (what `evaluate.py table --noisy` reads), not to metrics.jsonl."""
+    """Per-epoch evaluation on the --eval-split (paper Fig. 1), appended to metrics.jsonl as {"epoch", "eval",
+    "seconds"}. With noisy=True (--eval-noisy-final): the final model on delta = 0.5 inputs (Fig. 3), written to
+    OUT_DIR/eval_noisy.json (what `evaluate.py table --noisy` reads), not to metrics.jsonl."""
     import evaluate
 
+    started = time.perf_counter()
     mllm.model.eval()
     try:
         real_data = bool(cfg.train)
@@ -807,12 +822,13 @@ def evaluate_epoch(cfg: TrainConfig, mllm, epoch: int, rank: int, world: int, ou
                                          image_folder=(cfg.image_folder or None) if real_data else None,
                                          out_dir=out_dir if noisy else out_dir / f"eval_epoch{epoch}",
                                          max_new_tokens=cfg.eval_max_new_tokens, limit=cfg.eval_limit,
-                                         rank=rank, world_size=world, noisy=noisy, batch_size=32)
+                                         rank=rank, world_size=world, noisy=noisy, batch_size=32,
+                                         split=cfg.eval_split)
     finally:
         mllm.model.train()
     if rank == 0 and not noisy:
         with (out_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps({"epoch": epoch, "eval": result}) + "\n")
+            f.write(json.dumps({"epoch": epoch, "eval": result, "seconds": time.perf_counter() - started}) + "\n")
         latest = out_dir / "latest"
         if latest.exists():  # the epoch-end checkpoint: its evaluation is done, a resume from it need not redo it
             run_folder.write_json_atomic(out_dir / latest.read_text().strip() / "evaluated.json",

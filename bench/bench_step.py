@@ -127,7 +127,8 @@ def setup(args, device):
     config = SimpleNamespace(activation_checkpointing=args.checkpointing, compile=False)
     train.parallelize(mllm, config, world=1)  # the same checkpointing hook train.py applies
     named = [(n, p) for n, p in mllm.model.named_parameters() if p.requires_grad]
-    cfg = SimpleNamespace(delta=0.5, noise_stats="image", nrca_impl=impl, lam=2.0, min_open_tokens=3, seed=0)
+    cfg = SimpleNamespace(delta=0.5, noise_stats="image", nrca_impl=impl, nrca_alignment="paper", lam=2.0,
+                          min_open_tokens=3, seed=0)
     method = get_method(method_name)(cfg, mllm, named)
     optimizer = torch.optim.AdamW([p for _, p in named], lr=1e-5)
     batches = [make_batch(mllm, args.micro_batch, args.prompt_tokens, args.answer_tokens, image_size, vocab, device,

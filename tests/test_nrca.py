@@ -283,3 +283,35 @@ def test_bad_inputs_raise():
         nrca_loss(clean, noisy[:, :-1], labels)
     with pytest.raises(ValueError, match="labels"):
         nrca_loss(clean, noisy, labels[:, :-1])
+
+
+@pytest.mark.parametrize("alignment, expected_d_noisy_mean", [
+    # One open sample, I = 0.5, I~ = 0.2, CE = 0.9, lam = 2: d total / d I~ = lam * CE * g(I, I~), with
+    ("paper", -2 * 0.9 / 0.5),  # g = sign(I~ - I) / I                  Eq. (5b)
+    ("squared", 2 * 0.9 * (0.2 / 0.5 - 1) / 0.5),  # g = (I~ / I - 1) / I   proportional to the gap
+    ("difference", -2 * 0.9),  # g = sign(I~ - I)                       no 1 / I
+    ("squared-difference", 2 * 0.9 * (0.2 - 0.5)),  # g = I~ - I        both
+])
+def test_alignment_variants_gradients_by_hand(alignment, expected_d_noisy_mean):
+    """Each variant's gradient on the noisy confidences, worked by hand (I and CE detached in all of them);
+    the clean branch gets CE's gradient only, whatever the variant."""
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    nll = torch.full((1, 3), 0.9, dtype=torch.float64, requires_grad=True)  # CE = 0.9
+    confidence = torch.full((1, 3), 0.5, dtype=torch.float64, requires_grad=True)  # I = 0.5
+    noisy = torch.full((1, 3), 0.2, dtype=torch.float64, requires_grad=True)  # I~ = 0.2
+    out = nrca_objective(nll, confidence, noisy, mask, lam=2.0, alignment=alignment)
+    out.total.backward()
+    # d I~ / d p~_t = 1/3 for each of the three tokens.
+    torch.testing.assert_close(noisy.grad, torch.full((1, 3), expected_d_noisy_mean / 3, dtype=torch.float64))
+    torch.testing.assert_close(nll.grad, torch.full((1, 3), 1 / 3, dtype=torch.float64))  # d CE / d nll_t only
+    assert confidence.grad is None or not confidence.grad.any()
+
+
+def test_paper_alignment_is_the_default_and_variants_are_named():
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    nll, confidence, noisy = torch.rand(3, 2, 4, generator=torch.Generator().manual_seed(0)).unbind(0)
+    default = nrca_objective(nll, confidence, noisy, mask)
+    paper = nrca_objective(nll, confidence, noisy, mask, alignment="paper")
+    assert torch.equal(default.total, paper.total)
+    with pytest.raises(ValueError, match="alignment must be one of"):
+        nrca_objective(nll, confidence, noisy, mask, alignment="l1")

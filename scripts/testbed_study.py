@@ -1,0 +1,286 @@
+"""The testbed study: is NRCA stable, and does it help? Pre-registered: every grid, rule and seed below was fixed
+and committed before any of these runs started (git log of this file). Nothing here is tuned on NRCA vs others.
+
+    python scripts/testbed_study.py run seeds      # 1. Full FT vs NRCA at the paper's settings, seeds 0-9
+    python scripts/testbed_study.py run map        # 2. the stability map
+    python scripts/testbed_study.py run variants   # 3. NRCA variants beyond the paper (only if 1. says unstable)
+    python scripts/testbed_study.py run budget     # 4. equal tuning budget on the validation split, then test
+    python scripts/testbed_study.py report         # every table and figure -> OUT/results.md
+    (--out runs/study by default; --workers 2: runs in parallel, one thread each; resumable: a finished run is
+    kept, an interrupted one resumes)
+
+The protocol, common to every run:
+- The world and the base model are the embedded default's (testbed.py world v10, seed S; the base pre-trained
+  and cached per seed). Fine-tuning: the embedded preset (connector + last 2 decoder layers, batch 16, 5 epochs,
+  warm-up 5 %, cosine), seed S, one thread per process. The settings a cell changes are named below.
+- The validation split (300 + 300 records on pictures of their own, val_*.json) is what every choice and the
+  stability map read: runs of part 1 are evaluated on it after every epoch (the Fig. 1 curves), the others once,
+  after the last epoch. The test split is read once per run, on the final model, only where the report needs it
+  (parts 1, 3, and the settings part 4 selects), never to choose anything.
+- Metrics: CIDEr (the paper's), accuracy, and grounding.py's phrasing-invariant caption scores: all attributes
+  right (grounded_all), captions with a fabricated detail, size errors that follow the fine-tuning size prior.
+- Divergence, defined before running from the zero-shot base and Full FT on seed 0 only: a run diverged if at
+  its last epoch its multiple-choice accuracy is below chance + 30 points (the "sees" gate, 58.0 % on the test
+  split; the base reaches 92 %) or fewer than half of its captions name the drawn colour (grounded_colour < 50;
+  the base and Full FT name it in >= 99 % of captions): the model no longer answers or no longer describes the
+  picture. A caption score below the base's is not divergence: Full FT itself ends below the base in
+  grounded_all (45 vs 67 % on seed 0), which is the overfitting under study.
+
+1. seeds: Full FT and NRCA (lam 2, delta 0.5, Eq. 5b as published) at the testbed's lr (1e-3, connector = LLM),
+   seeds 0-9. Reported on the test split, last epoch: mean ± std, the paired difference NRCA - Full FT per seed
+   with a 95 % bootstrap interval (10,000 resamples of the seeds, percentile), the divergence rate of each.
+   NRCA is "unstable as published" if it diverges on at least one of the ten seeds.
+2. map: seeds 0-4, validation split, last epoch; divergence rate and grounded scores per cell.
+   lr arms, Full FT and NRCA each:  lr-1e-3 (LLM 1e-3, connector 1e-3: the testbed's, = part 1),
+                                    lr-3e-4 (3e-4, 3e-4), lr-1e-4 (1e-4, 1e-4),
+                                    ratio-10 (LLM 1e-3, connector 1e-4: the paper's LLaVA ratio, connector = LLM / 10)
+   lam arm, NRCA at lr-1e-3:        lam 1, 3, 4, 5 (the values the released code carries besides 2; the paper's
+                                    Fig. 5 gives no numbers in the text)
+   Reading, fixed in advance: if NRCA diverges at lr-1e-3 but not (or far less) at the smaller lrs or the
+   ratio-10 arm, its instability is one of the testbed's step size (b); if it diverges across the arms, it is
+   unstable as published (a).
+3. variants (run only if part 1 finds NRCA unstable): nrca.py's "squared", "difference", "squared-difference"
+   alignments, lam 2, lr-1e-3, seeds 0-9, reported as part 1 (paired against Full FT on the test split).
+4. budget: Table 4's methods (Full FT, L2-Reg, Grafting, Ran Mask, Mag Mask, NRCA), each on the same grid:
+   lr in {lr-1e-3, lr-3e-4} x its own main hyper-parameter in {the paper's value, one alternative}:
+       L2-Reg reg_lam {1e-3, 10}   Grafting reg_lam {1e-6, 1e-2}   Ran Mask / Mag Mask mask_ratio {0.5, 0.8}
+       NRCA lam {2, 1}             Full FT has no own hyper-parameter: lr only
+   (the alternatives: the regularisers 10^4 times stronger, since at the paper's values they change nothing
+   here; masks keeping 80 % frozen; NRCA's smallest lam in the released code). Selection on seeds 0 and 1,
+   validation split, last epoch: the setting with the highest mean of (grounded_all + accuracy) / 2 (CIDEr is
+   not used to select: it measures phrasing here); ties go to the paper's setting. The selected setting and the
+   paper's are then reported on the test split over seeds 0-4 (mean ± std, divergence rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from reporting import epoch_evals  # noqa: E402
+
+SEEDS = list(range(10))
+MAP_SEEDS = list(range(5))
+SELECTION_SEEDS = [0, 1]
+BUDGET_TEST_SEEDS = list(range(5))
+LR_ARMS = {"lr-1e-3": (1e-3, 1e-3), "lr-3e-4": (3e-4, 3e-4), "lr-1e-4": (1e-4, 1e-4), "ratio-10": (1e-3, 1e-4)}
+MAP_LAMS = (1.0, 3.0, 4.0, 5.0)
+VARIANTS = ("squared", "difference", "squared-difference")
+OWN_GRID = {  # method -> (flag, the paper's value, the alternative)
+    "full": None, "l2": ("--reg-lam", 1e-3, 10.0), "grafting": ("--reg-lam", 1e-6, 1e-2),
+    "random-mask": ("--mask-ratio", 0.5, 0.8), "magnitude-mask": ("--mask-ratio", 0.5, 0.8),
+    "nrca": ("--lam", 2.0, 1.0)}
+BUDGET_LRS = ("lr-1e-3", "lr-3e-4")
+CHANCE_PLUS_GATE = 58.0  # chance (28.0 % on the testbed's choice splits) + 30: the base's "sees" gate
+COLOUR_FLOOR = 50.0
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One setting of the study: a method and the flags that set it apart from the embedded preset."""
+
+    name: str  # folder name, e.g. "nrca_lr-1e-3_lam2"
+    method: str
+    flags: tuple = ()
+
+
+def cell(method: str, lr_arm: str = "lr-1e-3", **own) -> Cell:
+    llm, connector = LR_ARMS[lr_arm]
+    flags = ["--lr-llm", str(llm), "--lr-connector", str(connector)]
+    parts = [method, lr_arm]
+    for key, value in own.items():
+        flags += [f"--{key.replace('_', '-')}", str(value)]
+        parts.append(f"{key.replace('nrca_', '').replace('_', '')}{value:g}" if isinstance(value, float)
+                     else f"{value}")
+    return Cell("_".join(parts), method, tuple(flags))
+
+
+FULL, NRCA = cell("full"), cell("nrca", lam=2.0)
+
+
+@dataclass
+class Job:
+    cell: Cell
+    seed: int
+    per_epoch: bool  # evaluate on the validation split after every epoch (part 1), else once at the end
+    test: bool  # evaluate the final model on the test split
+    extra: list = field(default_factory=list)
+
+
+def part_jobs(part: str, out: Path) -> list[Job]:
+    if part == "seeds":
+        return [Job(c, s, True, True) for c in (FULL, NRCA) for s in SEEDS]
+    if part == "map":
+        cells = [cell(m, arm, **({"lam": 2.0} if m == "nrca" else {})) for arm in LR_ARMS for m in ("full", "nrca")]
+        cells += [cell("nrca", lam=lam) for lam in MAP_LAMS]
+        return [Job(c, s, c in (FULL, NRCA), c in (FULL, NRCA)) for c in cells for s in MAP_SEEDS]
+    if part == "variants":
+        return [Job(cell("nrca", lam=2.0, nrca_alignment=v), s, False, True) for v in VARIANTS for s in SEEDS]
+    if part == "budget":
+        return [Job(c, s, c in (FULL, NRCA), c in (FULL, NRCA)) for c in budget_cells() for s in SELECTION_SEEDS]
+    if part == "budget-test":
+        return [Job(c, s, c in (FULL, NRCA), True) for c in budget_report_cells(out) for s in BUDGET_TEST_SEEDS]
+    raise ValueError(f"testbed_study: unknown part {part!r}; expected seeds, map, variants, budget, budget-test")
+
+
+def budget_cells() -> list[Cell]:
+    cells = []
+    for method, own in OWN_GRID.items():
+        for arm in BUDGET_LRS:
+            if own is None:
+                cells.append(cell(method, arm))
+                continue
+            key = own[0].lstrip("-").replace("-", "_")
+            cells += [cell(method, arm, **{key: value}) for value in own[1:]]
+    return cells
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running
+
+
+def run_folder(out: Path, job: Job) -> Path:
+    return out / f"seed{job.seed}" / job.cell.name  # OUT/seedS/: the base model is cached there, once per seed
+
+
+def final_val(folder: Path) -> dict:
+    """The final model's validation scores: the last per-epoch evaluation, else OUT/val/eval.json."""
+    path = folder / "val" / "eval.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    points = epoch_evals(folder) if (folder / "metrics.jsonl").is_file() else []
+    return points[-1][1] if points else {}
+
+
+def final_test(folder: Path) -> dict:
+    path = folder / "test" / "eval.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def job_done(out: Path, job: Job) -> bool:
+    folder = run_folder(out, job)
+    return ((folder / "final").is_dir() and bool(final_val(folder))
+            and (not job.test or (folder / "test" / "eval.json").is_file()))
+
+
+def execute(out: Path, job: Job) -> float:
+    folder = run_folder(out, job)
+    log = out / "logs" / f"seed{job.seed}-{job.cell.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    started = time.time()
+
+    def call(args):
+        with log.open("a") as f:
+            done = subprocess.run([sys.executable, *args], stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        if done.returncode:
+            raise RuntimeError(f"failed ({done.returncode}): {' '.join(args)}; see {log}")
+
+    if not (folder / "final").is_dir():
+        again = ["--resume"] if (folder / "latest").is_file() else ["--overwrite"]
+        evaluation = ["--eval-split", "val"] if job.per_epoch else ["--no-eval-every-epoch"]
+        call(["train.py", "--seed", str(job.seed), "--method", job.cell.method, "--compare", "", "--out-dir",
+              str(folder), "--no-eval-noisy-final", *evaluation, *job.cell.flags, *again])
+    if not final_val(folder):
+        call(["evaluate.py", str(folder), "--split", "val", "--out", str(folder / "val"), "--batch-size", "32"])
+    if job.test and not (folder / "test" / "eval.json").is_file():
+        call(["evaluate.py", str(folder), "--split", "test", "--out", str(folder / "test"), "--batch-size", "32"])
+    return time.time() - started
+
+
+def run_part(out: Path, part: str, workers: int) -> None:
+    jobs = [job for job in part_jobs(part, out) if not job_done(out, job)]
+    print(f"{part}: {len(jobs)} runs to do ({workers} at a time)", flush=True)
+    timing = out / "seconds.json"
+
+    def work(job):
+        seconds = execute(out, job)
+        print(f"done {run_folder(out, job).relative_to(out)} in {seconds:.0f} s", flush=True)
+        return f"seed{job.seed}/{job.cell.name}", seconds
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for key, seconds in pool.map(work, jobs):
+            old = json.loads(timing.read_text()) if timing.is_file() else {}
+            timing.write_text(json.dumps({**old, key: round(seconds, 1)}, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Judging
+
+
+def diverged(result: dict) -> bool:
+    """The divergence rule fixed above: no longer answers (accuracy < chance + 30) or no longer describes the
+    picture (fewer than half of the captions name the drawn colour)."""
+    return result.get("accuracy", 0.0) < CHANCE_PLUS_GATE or result.get("grounded_colour", 0.0) < COLOUR_FLOOR
+
+
+def paired_bootstrap(a: list[float], b: list[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0):
+    """Mean of the per-seed differences a - b and its 95 % percentile bootstrap interval (seeds resampled
+    with replacement, a fixed generator): (mean, low, high)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_bootstrap: need two equally long non-empty lists, got {len(a)} and {len(b)}")
+    differences = [x - y for x, y in zip(a, b, strict=True)]
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(differences, k=len(differences))) for _ in range(resamples))
+    return statistics.fmean(differences), means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+
+
+def select(scores: dict[Cell, list[dict]], paper: Cell) -> Cell:
+    """The budget rule: highest mean (grounded_all + accuracy) / 2 over the selection seeds; ties -> paper."""
+    def score(c):
+        results = scores[c]
+        return statistics.fmean((r.get("grounded_all", 0.0) + r.get("accuracy", 0.0)) / 2 for r in results)
+
+    best = max(score(c) for c in scores)
+    return paper if math.isclose(score(paper), best) else max(scores, key=score)
+
+
+def budget_report_cells(out: Path) -> list[Cell]:
+    """The paper's setting and the selected one of every method (needs part 4's selection runs)."""
+    cells = []
+    for method in OWN_GRID:
+        grid = [c for c in budget_cells() if c.method == method]
+        paper = grid[0]
+        scores = {c: [final_val(run_folder(out, Job(c, s, False, False))) for s in SELECTION_SEEDS] for c in grid}
+        if not all(all(results) for results in scores.values()):
+            raise RuntimeError(f"budget: the selection runs of {method} are not all done; run `run budget` first")
+        cells += list(dict.fromkeys([paper, select(scores, paper)]))
+    return cells
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("run", "report"))
+    parser.add_argument("part", nargs="?", choices=("seeds", "map", "variants", "budget", "budget-test"))
+    parser.add_argument("--out", default="runs/study")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    if args.command == "run":
+        if args.part is None:
+            raise ValueError("testbed_study.py run: name the part (seeds, map, variants, budget, budget-test)")
+        run_part(out, args.part, args.workers)
+    else:
+        import study_report
+
+        study_report.write_report(out)
+
+
+if __name__ == "__main__":
+    import cli
+
+    cli.run(main)
