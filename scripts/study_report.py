@@ -1,0 +1,246 @@
+"""The testbed study's report (scripts/testbed_study.py report): its tables, figures and timings from the run
+folders, written to OUT/results.md and OUT/fig1_val_curves.png. Reads only what the
+study's pre-registration names: the test split for parts 1, 3 and 4's final rows, the validation split for the
+curves, the map and the selection. Parts that have not run are left out, and a part with missing seeds says how
+many it has.
+
+    python scripts/testbed_study.py report --out runs/study
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from itertools import pairwise
+from pathlib import Path
+
+import testbed_study as study
+
+from reporting import epoch_evals
+
+METRICS = (("cider", "CIDEr"), ("accuracy", "accuracy"), ("grounded_all", "all attributes right %"),
+           ("grounded_fabricated", "fabricated detail %"), ("grounded_size_prior", "size-prior errors %"))
+PAIRED = (("cider", "CIDEr"), ("grounded_all", "all right"), ("grounded_fabricated", "fabricated"),
+          ("accuracy", "accuracy"))
+
+
+def mean_std(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.1f} ± {std:.1f}"
+
+
+def results(out: Path, cell: study.Cell, seeds, split: str) -> dict[int, dict]:
+    """{seed: last-epoch scores} of the seeds that finished, on the test or the validation split."""
+    read = study.final_test if split == "test" else study.final_val
+    found = {}
+    for seed in seeds:
+        result = read(study.run_folder(out, study.Job(cell, seed, False, False)))
+        if result:
+            found[seed] = result
+    return found
+
+
+def rows_with_pairs(out: Path, cells: list[tuple[str, study.Cell]], seeds, split: str) -> str:
+    """Each cell's mean ± std and divergence rate, and its paired difference against Full FT (95 % bootstrap)."""
+    header = "| method | seeds | diverged | " + " | ".join(label for _, label in METRICS) + " | " + " | ".join(
+        f"Δ {label} vs Full FT [95 % CI]" for _, label in PAIRED) + " |"
+    lines = [header, "|---|---:|---:|" + "---:|" * (len(METRICS) + len(PAIRED))]
+    full = results(out, study.FULL, seeds, split)
+    for name, cell in cells:
+        found = results(out, cell, seeds, split)
+        if not found:
+            continue
+        cells_ = [mean_std(r.get(key) for r in found.values()) for key, _ in METRICS]
+        pairs = []
+        for key, _ in PAIRED:
+            common = [s for s in found if s in full and found[s].get(key) is not None and full[s].get(key) is not None]
+            if cell == study.FULL or len(common) < 2:
+                pairs.append("–")
+                continue
+            mean, low, high = study.paired_bootstrap([found[s][key] for s in common], [full[s][key] for s in common])
+            pairs.append(f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]")
+        n_diverged = sum(study.diverged(r) for r in found.values())
+        lines.append(f"| {name} | {len(found)} | {n_diverged}/{len(found)} | " + " | ".join(cells_ + pairs) + " |")
+    return "\n".join(lines)
+
+
+def per_seed_table(out: Path, cells: list[tuple[str, study.Cell]], seeds, split: str) -> str:
+    """Every seed's last-epoch CIDEr / all-right / accuracy, a diverged run marked: nothing hides in a mean."""
+    lines = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---:|" * len(seeds)]
+    for name, cell in cells:
+        found = results(out, cell, seeds, split)
+        if found:
+            lines.append(f"| {name} | " + " | ".join(
+                (f"{found[s]['cider']:.0f} / {found[s].get('grounded_all', math.nan):.0f} / {found[s]['accuracy']:.0f}"
+                 + (" **div**" if study.diverged(found[s]) else "")) if s in found else "–" for s in seeds) + " |")
+    return "\n".join(lines)
+
+
+def curve_table(out: Path, cells: list[tuple[str, study.Cell]], seeds) -> str:
+    """Per-epoch validation scores, mean ± std over seeds: CIDEr swings, grounding does not (or does)."""
+    lines = []
+    for name, cell in cells:
+        by_epoch = {}
+        for seed in seeds:
+            folder = study.run_folder(out, study.Job(cell, seed, True, False))
+            if (folder / "metrics.jsonl").is_file():
+                for epoch, result in epoch_evals(folder):
+                    by_epoch.setdefault(int(epoch), []).append(result)
+        if not by_epoch:
+            continue
+        if not lines:
+            lines = ["| method | metric | " + " | ".join(f"epoch {e}" for e in sorted(by_epoch)) + " |",
+                     "|---|---|" + "---:|" * len(by_epoch)]
+        for key, label in METRICS:
+            lines.append(f"| {name} | {label} | " + " | ".join(
+                mean_std(r.get(key) for r in by_epoch[e]) for e in sorted(by_epoch)) + " |")
+    return "\n".join(lines)
+
+
+def swing_table(out: Path, cells: list[tuple[str, study.Cell]], seeds) -> str:
+    """How much each metric moves from one epoch to the next within a run (mean over runs of the mean absolute
+    change, as a share of the metric's mean): the phrasing lottery, measured."""
+    lines = ["| method | " + " | ".join(label for _, label in METRICS[:3]) + " |", "|---|---:|---:|---:|"]
+    for name, cell in cells:
+        shares = {key: [] for key, _ in METRICS[:3]}
+        for seed in seeds:
+            folder = study.run_folder(out, study.Job(cell, seed, True, False))
+            points = [r for _, r in epoch_evals(folder)] if (folder / "metrics.jsonl").is_file() else []
+            if len(points) < 2 or study.diverged(points[-1]):
+                continue
+            for key in shares:
+                values = [p[key] for p in points]
+                level = statistics.fmean(values)
+                if level > 0:
+                    shares[key].append(statistics.fmean(abs(b - a) for a, b in pairwise(values)) / level)
+        if any(shares.values()):
+            lines.append(f"| {name} | " + " | ".join(
+                f"{100 * statistics.fmean(v):.1f} %" if v else "–" for v in shares.values()) + " |")
+    return "\n".join(lines)
+
+
+def map_table(out: Path) -> str:
+    lines = ["| cell | lr LLM / connector | lam | seeds | diverged | CIDEr | accuracy | all right % | fabricated % |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    cells = [(arm, m, 2.0) for arm in study.LR_ARMS for m in ("full", "nrca")]
+    cells += [("lr-1e-3", "nrca", lam) for lam in study.MAP_LAMS]
+    for arm, method, lam in cells:
+        cell = study.cell(method, arm, **({"lam": lam} if method == "nrca" else {}))
+        found = results(out, cell, study.MAP_SEEDS, "val")
+        if not found:
+            continue
+        llm, connector = study.LR_ARMS[arm]
+        lines.append(f"| {cell.name} | {llm:g} / {connector:g} | {lam:g}{'' if method == 'nrca' else ' (–)'} | "
+                     f"{len(found)} | {sum(study.diverged(r) for r in found.values())}/{len(found)} | "
+                     + " | ".join(mean_std(r.get(k) for r in found.values())
+                                  for k in ("cider", "accuracy", "grounded_all", "grounded_fabricated")) + " |")
+    return "\n".join(lines)
+
+
+def budget_table(out: Path) -> str:
+    lines = ["| method | setting | chosen on validation | selection score (val, seeds 0-1) | test seeds | diverged | "
+             "CIDEr | accuracy | all right % | fabricated % |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    try:
+        report_cells = set(study.budget_report_cells(out))
+    except RuntimeError:
+        return "(the selection runs of part 4 are not all done)"
+    for method in study.OWN_GRID:
+        grid = [c for c in study.budget_cells() if c.method == method]
+        for c in grid:
+            val = results(out, c, study.SELECTION_SEEDS, "val")
+            score = statistics.fmean((r.get("grounded_all", 0) + r.get("accuracy", 0)) / 2 for r in val.values()) \
+                if val else math.nan
+            chosen = c in report_cells and (c != grid[0] or len([g for g in grid if g in report_cells]) == 1)
+            test = results(out, c, study.BUDGET_TEST_SEEDS, "test") if c in report_cells else {}
+            cells = [mean_std(r.get(k) for r in test.values())
+                     for k in ("cider", "accuracy", "grounded_all", "grounded_fabricated")] if test else ["–"] * 4
+            diverged = f"{sum(study.diverged(r) for r in test.values())}/{len(test)}" if test else "–"
+            lines.append(f"| {method} | {c.name}{' (paper)' if c == grid[0] else ''} | {'yes' if chosen else ''} | "
+                         f"{score:.1f} | {len(test) or '–'} | {diverged} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def timing(out: Path) -> str:
+    bases = [json.loads(p.read_text()) for p in sorted(out.glob("seed*/base-*/seconds.json"))]
+    lines = []
+    if bases:
+        lines.append(f"base model per seed ({len(bases)} seeds): vision tower stage "
+                     f"{mean_std(b.get('vision_tower') for b in bases)} s, pre-training "
+                     f"{mean_std(b.get('pretraining') for b in bases)} s (incl. stage 1 when timed together)")
+    for name, cell in (("Full FT", study.FULL), ("NRCA", study.NRCA)):
+        train, evaluation = [], []
+        for seed in study.SEEDS:
+            metrics = study.run_folder(out, study.Job(cell, seed, True, False)) / "metrics.jsonl"
+            if metrics.is_file():
+                entries = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+                train.append(sum(e.get("seconds", 0) for e in entries if "step" in e))
+                evaluation.append(sum(e.get("seconds", 0) for e in entries if "eval" in e))
+        if train:
+            lines.append(f"{name}, one run (315 steps, 1 thread): optimizer steps {mean_std(train)} s, 5 validation "
+                         f"evaluations (300 captions + 300 questions each) {mean_std(evaluation)} s")
+    seconds = out / "seconds.json"
+    if seconds.is_file():
+        walls = json.loads(seconds.read_text())
+        lines.append(f"{len(walls)} runs of the study timed, wall per run (training, evaluations, model loads): "
+                     f"{mean_std(walls.values())} s, {sum(walls.values()) / 3600:.2f} CPU-process hours in all")
+    return "\n".join(f"- {line}" for line in lines)
+
+
+def plot_curves(out: Path, cells, seeds) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = (("cider", "CIDEr x100"), ("grounded_all", "all attributes right %"),
+            ("grounded_fabricated", "fabricated detail %"), ("accuracy", "multiple choice accuracy %"))
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.3))
+    for ax, (key, title) in zip(axes, keys, strict=True):
+        for colour, (name, cell) in zip(("tab:blue", "tab:orange"), cells, strict=False):
+            for n, seed in enumerate(seeds):
+                folder = study.run_folder(out, study.Job(cell, seed, True, False))
+                points = epoch_evals(folder) if (folder / "metrics.jsonl").is_file() else []
+                if points:
+                    ax.plot([e for e, _ in points], [r.get(key) for _, r in points], color=colour, lw=0.8,
+                            alpha=0.6, label=name if n == 0 else None)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"validation split, every seed ({len(seeds)}) one line: CIDEr swings with the phrasing, the grounded "
+                 "scores say what was drawn", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "fig1_val_curves.png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path) -> str:
+    headline = [("Full FT", study.FULL), ("NRCA", study.NRCA)]
+    variants = [(f"NRCA, {v} (beyond the paper)", study.cell("nrca", lam=2.0, nrca_alignment=v))
+                for v in study.VARIANTS]
+    sections = [
+        "## 1. Full FT vs NRCA at the paper's settings (test split, last epoch)",
+        rows_with_pairs(out, headline + variants, study.SEEDS, "test"),
+        "Per seed (CIDEr / all right % / accuracy, test split, last epoch; **div**: diverged by the fixed rule):",
+        per_seed_table(out, headline + variants, study.SEEDS, "test"),
+        "## Per-epoch validation scores (Fig. 1 on the testbed), mean ± std over seeds",
+        curve_table(out, headline, study.SEEDS),
+        "Epoch-to-epoch movement within a run (mean |change| / mean level, runs that did not diverge):",
+        swing_table(out, headline, study.SEEDS),
+        "## 2. Stability map (validation split, last epoch, seeds 0-4)",
+        map_table(out),
+        "## 4. Equal tuning budget (selection on validation seeds 0-1; test seeds 0-4 for the paper's and the "
+        "chosen setting)",
+        budget_table(out),
+        "## Where the time goes",
+        timing(out),
+    ]
+    report = "\n\n".join(sections) + "\n"
+    (out / "results.md").write_text(report)
+    plot_curves(out, headline, study.SEEDS)
+    print(report)
+    return report
