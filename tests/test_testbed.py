@@ -213,3 +213,28 @@ def test_side_by_side_table_from_two_fake_runs(tmp_path):
     assert lines[3] == "| 2 | 110.50 | 81.00 | 95.25 | 83.00 |"
     assert "| nrca (nrca) | 110.50 | 90.00 | -20.50 | 81.00 | 70.00 | -11.00 |" in lines
     assert "| full (full) | 95.25 | 60.00 | -35.25 | 83.00 | 71.00 | -12.00 |" in lines
+
+
+def test_side_by_side_adds_the_grounded_scores_when_the_runs_have_them(tmp_path):
+    runs = []
+    for name, grounded in (("nrca", 40.0), ("full", 30.0)):
+        root = tmp_path / name
+        root.mkdir()
+        (root / "config.json").write_text(json.dumps({"method": name, "out_dir": str(root)}))
+        scores = {"cider": 100.0, "accuracy": 90.0, "grounded_all": grounded, "grounded_fabricated": 5.0}
+        (root / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "eval": scores}) + "\n")
+        (root / "eval_noisy.json").write_text(json.dumps({**scores, "grounded_all": grounded - 10, "delta": 0.5}))
+        runs.append(root)
+    lines = reporting.format_side_by_side(runs).splitlines()
+    assert lines[0] == ("| epoch | nrca (nrca) CIDEr | nrca (nrca) accuracy | nrca (nrca) all right % | nrca (nrca) "
+                        "fabricated % | full (full) CIDEr | full (full) accuracy | full (full) all right % | "
+                        "full (full) fabricated % |")
+    assert lines[2] == "| 1 | 100.00 | 90.00 | 40.00 | 5.00 | 100.00 | 90.00 | 30.00 | 5.00 |"
+    assert ("| nrca (nrca) | 100.00 | 100.00 | 0.00 | 90.00 | 90.00 | 0.00 | 40.00 | 30.00 | -10.00 | 5.00 | 5.00 | "
+            "0.00 |") in lines
+
+
+def test_validation_split_records_keep_their_scene(world):
+    for name in ("val_caption.json", "val_choice.json", "test_caption.json", "test_choice.json"):
+        records = json.loads((world / name).read_text())
+        assert len(records) == SMALL["n_test"] and all(set(r["scene"]) == set(testbed.ATTRIBUTES) for r in records)

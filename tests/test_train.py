@@ -263,6 +263,8 @@ def test_nan_logits_stop_the_run_with_step_batch_and_checkpoint(synthetic_data_d
     (dict(lam=-1.0), "--lam -1.0"),
     (dict(method="sgd"), "--method 'sgd'"),
     (dict(nrca_impl="fast"), "--nrca-impl 'fast'"),
+    (dict(nrca_alignment="l1"), "--nrca-alignment 'l1'"),
+    (dict(eval_split="dev"), "--eval-split 'dev'"),
     (dict(preset="llava-13b"), "--preset 'llava-13b'"),
     (dict(train=["caption:x=/no/such/file.json"]), "does not exist"),
     (dict(train=["captions=/no/such/file.json"]), "TASK:NAME=PATH"),
