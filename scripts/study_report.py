@@ -68,36 +68,46 @@ def rows_with_pairs(out: Path, cells: list[tuple[str, study.Cell]], seeds, split
     return "\n".join(lines)
 
 
+def seed_cell(result: dict | None) -> str:
+    if result is None:
+        return "–"
+    if "nonfinite" in result:
+        return "non-finite loss **div**"
+    keys = ("cider", "grounded_all", "accuracy")
+    text = " / ".join("?" if result.get(k) is None else f"{result[k]:.0f}" for k in keys)
+    return text + (" **div**" if study.diverged(result) else "")
+
+
+def finished_curve(out: Path, cell: study.Cell, seed: int) -> list[dict]:
+    """A finished run's per-epoch validation scores ([] for a run still training or without them)."""
+    folder = study.run_folder(out, study.Job(cell, seed, True, False))
+    if not (folder / "final").is_dir() or not (folder / "metrics.jsonl").is_file():
+        return []
+    return [result for _, result in epoch_evals(folder)]
+
+
 def per_seed_table(out: Path, cells: list[tuple[str, study.Cell]], seeds, split: str) -> str:
     """Every seed's last-epoch CIDEr / all-right / accuracy, a diverged run marked: nothing hides in a mean."""
     lines = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---:|" * len(seeds)]
     for name, cell in cells:
         found = results(out, cell, seeds, split)
         if found:
-            lines.append(f"| {name} | " + " | ".join(
-                (f"{found[s]['cider']:.0f} / {found[s].get('grounded_all', math.nan):.0f} / {found[s]['accuracy']:.0f}"
-                 + (" **div**" if study.diverged(found[s]) else "")) if s in found else "–" for s in seeds) + " |")
+            lines.append(f"| {name} | " + " | ".join(seed_cell(found.get(s)) for s in seeds) + " |")
     return "\n".join(lines)
 
 
 def curve_table(out: Path, cells: list[tuple[str, study.Cell]], seeds) -> str:
     """Per-epoch validation scores, mean ± std over seeds: CIDEr swings, grounding does not (or does)."""
-    lines = []
-    for name, cell in cells:
-        by_epoch = {}
-        for seed in seeds:
-            folder = study.run_folder(out, study.Job(cell, seed, True, False))
-            if (folder / "metrics.jsonl").is_file():
-                for epoch, result in epoch_evals(folder):
-                    by_epoch.setdefault(int(epoch), []).append(result)
-        if not by_epoch:
-            continue
-        if not lines:
-            lines = ["| method | metric | " + " | ".join(f"epoch {e}" for e in sorted(by_epoch)) + " |",
-                     "|---|---|" + "---:|" * len(by_epoch)]
+    curves = {name: [finished_curve(out, cell, seed) for seed in seeds] for name, cell in cells}
+    epochs = range(1, max((len(c) for runs in curves.values() for c in runs), default=0) + 1)
+    if not epochs:
+        return "(no finished run)"
+    lines = ["| method | metric | " + " | ".join(f"epoch {e}" for e in epochs) + " |",
+             "|---|---|" + "---:|" * len(epochs)]
+    for name, runs in curves.items():
         for key, label in METRICS:
             lines.append(f"| {name} | {label} | " + " | ".join(
-                mean_std(r.get(key) for r in by_epoch[e]) for e in sorted(by_epoch)) + " |")
+                mean_std(run[e - 1].get(key) for run in runs if len(run) >= e) for e in epochs) + " |")
     return "\n".join(lines)
 
 
@@ -108,12 +118,13 @@ def swing_table(out: Path, cells: list[tuple[str, study.Cell]], seeds) -> str:
     for name, cell in cells:
         shares = {key: [] for key, _ in METRICS[:3]}
         for seed in seeds:
-            folder = study.run_folder(out, study.Job(cell, seed, True, False))
-            points = [r for _, r in epoch_evals(folder)] if (folder / "metrics.jsonl").is_file() else []
+            points = finished_curve(out, cell, seed)
             if len(points) < 2 or study.diverged(points[-1]):
                 continue
             for key in shares:
-                values = [p[key] for p in points]
+                values = [p.get(key) for p in points]
+                if None in values:
+                    continue
                 level = statistics.fmean(values)
                 if level > 0:
                     shares[key].append(statistics.fmean(abs(b - a) for a, b in pairwise(values)) / level)
@@ -168,14 +179,14 @@ def timing(out: Path) -> str:
     bases = [json.loads(p.read_text()) for p in sorted(out.glob("seed*/base-*/seconds.json"))]
     lines = []
     if bases:
-        lines.append(f"base model per seed ({len(bases)} seeds): vision tower stage "
-                     f"{mean_std(b.get('vision_tower') for b in bases)} s, pre-training "
-                     f"{mean_std(b.get('pretraining') for b in bases)} s (incl. stage 1 when timed together)")
+        lines.append(f"base model per seed ({len(bases)} seeds, 1 thread): stage 1 (vision tower alone) "
+                     f"{mean_std(b.get('vision_tower') for b in bases)} s, stage 2 (every part) "
+                     f"{mean_std(b.get('pretraining') for b in bases)} s")
     for name, cell in (("Full FT", study.FULL), ("NRCA", study.NRCA)):
         train, evaluation = [], []
         for seed in study.SEEDS:
             metrics = study.run_folder(out, study.Job(cell, seed, True, False)) / "metrics.jsonl"
-            if metrics.is_file():
+            if metrics.is_file() and (metrics.parent / "final").is_dir():
                 entries = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
                 train.append(sum(e.get("seconds", 0) for e in entries if "step" in e))
                 evaluation.append(sum(e.get("seconds", 0) for e in entries if "eval" in e))
@@ -185,8 +196,12 @@ def timing(out: Path) -> str:
     seconds = out / "seconds.json"
     if seconds.is_file():
         walls = json.loads(seconds.read_text())
-        lines.append(f"{len(walls)} runs of the study timed, wall per run (training, evaluations, model loads): "
-                     f"{mean_std(walls.values())} s, {sum(walls.values()) / 3600:.2f} CPU-process hours in all")
+        first = {k: v for k, v in walls.items() if k.endswith(study.FULL.name)}  # each seed's first run: its base too
+        rest = [v for k, v in walls.items() if k not in first]
+        lines.append(f"{len(walls)} runs of the study timed (wall per run: training, evaluations, model loads, process "
+                     f"start): Full FT at the paper's settings, the first run of each seed, base included "
+                     f"{mean_std(first.values())} s; every other run {mean_std(rest)} s; "
+                     f"{sum(walls.values()) / 3600:.2f} process-hours in all, 2 processes side by side")
     return "\n".join(f"- {line}" for line in lines)
 
 
@@ -202,10 +217,9 @@ def plot_curves(out: Path, cells, seeds) -> None:
     for ax, (key, title) in zip(axes, keys, strict=True):
         for colour, (name, cell) in zip(("tab:blue", "tab:orange"), cells, strict=False):
             for n, seed in enumerate(seeds):
-                folder = study.run_folder(out, study.Job(cell, seed, True, False))
-                points = epoch_evals(folder) if (folder / "metrics.jsonl").is_file() else []
+                points = finished_curve(out, cell, seed)
                 if points:
-                    ax.plot([e for e, _ in points], [r.get(key) for _, r in points], color=colour, lw=0.8,
+                    ax.plot(range(1, len(points) + 1), [r.get(key) for r in points], color=colour, lw=0.8,
                             alpha=0.6, label=name if n == 0 else None)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")

@@ -24,6 +24,10 @@ def test_paired_bootstrap_on_a_fixed_toy_input():
     mean, low, high = study.paired_bootstrap(a, b)
     assert mean == 2.5 and 2.0 <= low <= 2.5 <= high <= 3.0
     assert (low, high) == study.paired_bootstrap(a, b)[1:]  # a fixed generator: the same interval every time
+    # Differences 0, 0, 0, 10: a resample's mean is 2.5 k for k tens among 4 draws. P(k = 0) = 0.32 > 2.5 %, so the
+    # low end is 0; P(k >= 3) = 0.051 > 2.5 % but P(k = 4) = 0.004 < 2.5 %, so the high end is 7.5, not the
+    # largest mean 10 (which about 39 of 10,000 resamples reach): the percentiles, not the extremes.
+    assert study.paired_bootstrap([0.0, 0.0, 0.0, 10.0], [0.0] * 4) == (2.5, 0.0, 7.5)
     # Identical differences leave no uncertainty; a sign change across seeds gives an interval around 0.
     assert study.paired_bootstrap([2.0, 2.0], [1.0, 1.0]) == (1.0, 1.0, 1.0)
     _, low, high = study.paired_bootstrap([10.0, 0.0, 10.0, 0.0], [5.0, 5.0, 5.0, 5.0])
@@ -96,6 +100,31 @@ def test_report_pairs_seeds_and_counts_divergence(tmp_path):
     differences = [10.0, 10.0, -150.0]  # NRCA - Full FT CIDEr per seed
     assert f"{statistics.fmean(differences):+.1f} [" in nrca_row
     assert "**div**" in study_report.per_seed_table(tmp_path, [("NRCA", study.NRCA)], [0, 1, 2], "test")
-    # CIDEr halves from epoch 1 to 2 while grounding stays: the swing table shows 66.7 % against 0.0 %.
+    # CIDEr halves from epoch 1 to 2 while accuracy and grounding stay: 66.7 %, 0.0 %, 0.0 %.
     swing = study_report.swing_table(tmp_path, [("Full FT", study.FULL)], [0, 1, 2])
-    assert "| Full FT | 66.7 % | 0.0 % |" in swing
+    assert "| Full FT | 66.7 % | 0.0 % | 0.0 % |" in swing
+
+
+def test_unfinished_and_nonfinite_runs(tmp_path):
+    """A run still training has no scores yet (its per-epoch lines are not the final model's); a run stopped by a
+    non-finite loss is finished and diverged; the variants' gate needs all ten seeds of part 1."""
+    folder = study.run_folder(tmp_path, study.Job(study.NRCA, 0, True, True))
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"eval_split": "val"}))
+    (folder / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "eval": scores(100, 40)}) + "\n")
+    assert study.final_val(folder) == {} and not study.job_done(tmp_path, study.Job(study.NRCA, 0, True, True))
+    (folder / "final").mkdir()
+    assert study.final_val(folder)["cider"] == 100
+    (folder / "config.json").write_text(json.dumps({"eval_split": "test"}))  # per-epoch lines on test: not val
+    assert study.final_val(folder) == {}
+    for seed in study.SEEDS[1:]:
+        fake_run(tmp_path, study.NRCA, seed, [scores(100, 40)], scores(100, 40))
+    with pytest.raises(RuntimeError, match="part 1"):  # seed 0 has no test evaluation yet
+        study.unstable_as_published(tmp_path)
+    (folder / "test").mkdir()
+    (folder / "test" / "eval.json").write_text(json.dumps(scores(100, 40)))
+    assert study.unstable_as_published(tmp_path) is False  # ten seeds, none diverged
+    (folder / study.NONFINITE).write_text(json.dumps({"nonfinite": "error: non-finite loss (nan) at step 9"}))
+    assert study.job_done(tmp_path, study.Job(study.NRCA, 0, True, True))
+    assert study.diverged(study.final_test(folder)) and study.unstable_as_published(tmp_path) is True
+    assert "non-finite loss **div**" in study_report.per_seed_table(tmp_path, [("NRCA", study.NRCA)], [0, 1], "test")
