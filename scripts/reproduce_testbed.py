@@ -143,12 +143,15 @@ def acceptance(out: Path, seeds) -> tuple[bool, str]:
 
 
 def table4(out: Path, seeds, methods) -> str:
-    rows = ["| Methods | testbed captions CIDEr | testbed choice accuracy | AVG | CIDEr, noisy inputs | "
-            "accuracy, noisy inputs |", "|---|---:|---:|---:|---:|---:|"]
+    rows = ["| Methods | testbed captions CIDEr | testbed choice accuracy | AVG | captions all attributes right % | "
+            "captions with a fabricated detail % | CIDEr, noisy inputs | accuracy, noisy inputs |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
 
     def row(name, results, noisy):
         rows.append(f"| {name} | {cell([r.get('cider') for r in results])} | "
                     f"{cell([r.get('accuracy') for r in results])} | {cell([r.get('avg') for r in results])} | "
+                    f"{cell([r.get('grounded_all') for r in results])} | "
+                    f"{cell([r.get('grounded_fabricated') for r in results])} | "
                     f"{cell([r.get('cider') for r in noisy])} | {cell([r.get('accuracy') for r in noisy])} |")
 
     zero = [out / f"seed{s}" / "zero-shot" for s in seeds]
@@ -162,14 +165,15 @@ def table4(out: Path, seeds, methods) -> str:
 
 
 def per_epoch_table(out: Path, seeds, methods) -> str:
-    lines = ["| Methods | " + " | ".join(f"epoch {e:g} CIDEr / acc" for e in curves(out, seeds, methods[0], "cider"))
-             + " |"]
+    lines = ["| Methods | " + " | ".join(f"epoch {e:g} CIDEr / acc / all right %"
+                                        for e in curves(out, seeds, methods[0], "cider")) + " |"]
     lines.append("|---" + "|---:" * (lines[0].count("|") - 2) + "|")
     for method in methods:
         done = [s for s in seeds if (out / f"seed{s}" / method / "final").is_dir()]
         cider, accuracy = curves(out, done, method, "cider"), curves(out, done, method, "accuracy")
+        grounded = curves(out, done, method, "grounded_all")
         lines.append(f"| {PAPER_NAMES[method]} | " + " | ".join(
-            f"{cell(cider[e])} / {cell(accuracy[e])}" for e in cider) + " |")
+            f"{cell(cider[e])} / {cell(accuracy[e])} / {cell(grounded.get(e, []))}" for e in cider) + " |")
     return "\n".join(lines)
 
 
@@ -234,9 +238,11 @@ def plots(out: Path, seeds) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, key, title in zip(axes, ("cider", "accuracy"), ("captions: CIDEr x100 (open-response)",
-                                                            "multiple choice: accuracy % (fixed-choice)"), strict=True):
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    panels = (("cider", "captions: CIDEr x100 (open-response)"),
+              ("grounded_all", "captions: all attributes right % (grounding.py)"),
+              ("accuracy", "multiple choice: accuracy % (fixed-choice)"))
+    for ax, (key, title) in zip(axes, panels, strict=True):
         for colour, method in (("tab:blue", "full"), ("tab:orange", "nrca")):
             points = curves(out, seeds, method, key)
             xs = list(points)
@@ -257,8 +263,8 @@ def plots(out: Path, seeds) -> None:
     fig.savefig(out / "fig1_curves.png", dpi=120)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-    for ax, key in zip(axes, ("cider", "accuracy"), strict=True):
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, key in zip(axes, ("cider", "grounded_all", "accuracy"), strict=True):
         for i, method in enumerate(("full", "nrca")):
             scores = [(final_eval(f), noisy_eval(f)) for f in (out / f"seed{s}" / method for s in seeds)]
             clean = mean_std([c.get(key) for c, _ in scores])
@@ -266,11 +272,12 @@ def plots(out: Path, seeds) -> None:
             ax.bar([i - 0.2, i + 0.2], [clean[0], noisy[0]], 0.38, yerr=[clean[1], noisy[1]],
                    color=["tab:blue", "tab:orange"], label=["clean", "noisy (delta 0.5)"] if i == 0 else None)
             for n, (c, noisy_scores) in enumerate(scores):  # each seed: its clean and noisy score joined by a line
-                if c and noisy_scores:
+                if c.get(key) is not None and noisy_scores.get(key) is not None:
                     ax.plot([i - 0.2, i + 0.2], [c[key], noisy_scores[key]], color="black", marker=".", lw=0.8,
                             label="one seed" if i == 0 and n == 0 else None)
         ax.set_xticks([0, 1], [PAPER_NAMES["full"], PAPER_NAMES["nrca"]])
-        ax.set_title({"cider": "CIDEr x100", "accuracy": "accuracy %"}[key], fontsize=9)
+        ax.set_title({"cider": "CIDEr x100", "grounded_all": "captions all attributes right %",
+                      "accuracy": "accuracy %"}[key], fontsize=9)
         ax.legend(fontsize=8)
     fig.suptitle("Fig. 3 on the testbed: final models on clean vs noisy inputs", fontsize=9)
     fig.tight_layout()
