@@ -299,7 +299,7 @@ def write_report(out: Path) -> str:
     sections = [
         "## The instrument: CIDEr of captions written from the scene (seed 0's test split, no model)",
         instrument_table(REPO / "data" / "testbed-seed0"),
-        "## 1. Full FT vs NRCA at the paper's settings (test split, last epoch)",
+        "## 1. Full FT vs NRCA at the paper's settings, and 3. the variants beyond the paper (test split, last epoch)",
         rows_with_pairs(out, headline + variants, study.SEEDS, "test"),
         "Per seed (CIDEr / all right % / accuracy, test split, last epoch; **div**: diverged by the fixed rule):",
         per_seed_table(out, headline + variants, study.SEEDS, "test"),
@@ -318,6 +318,7 @@ def write_report(out: Path) -> str:
         timing(out),
     ]
     report = "\n\n".join(sections) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(report)
     plot_curves(out, headline, study.SEEDS)
     print(report)
