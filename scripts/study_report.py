@@ -265,6 +265,29 @@ def detail_word_table(out: Path, cells, seeds) -> str:
     return "\n".join(lines)
 
 
+def confidence_table(out: Path, cells, seeds) -> str:
+    """Eq. (5b) made visible: each run's mean clean confidence I of the open samples over the steps of its first
+    and its last epoch (train.py logs it per step), and the share of steps' open samples with I~ > I."""
+    lines = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---:|" * len(seeds)]
+    for name, cell in cells:
+        row = []
+        for seed in seeds:
+            metrics = study.run_folder(out, study.Job(cell, seed, False, False)) / "metrics.jsonl"
+            steps = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+            steps = [e for e in steps if "step" in e and "confidence" in e]
+            if not steps:
+                row.append("–")
+                continue
+            last = max(math.ceil(e["epoch"] - 1e-9) for e in steps)
+            first = [e["confidence"] for e in steps if e["epoch"] <= 1 + 1e-9]
+            final = [e["confidence"] for e in steps if math.ceil(e["epoch"] - 1e-9) == last]
+            above = statistics.fmean(e["noisy_above_clean"] for e in steps)
+            row.append(f"{statistics.fmean(first):.2f} → {statistics.fmean(final):.2f} ({above:.2f})")
+        if any(cell_ != "–" for cell_ in row):
+            lines.append(f"| {name} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def plot_curves(out: Path, cells, seeds) -> None:
     import matplotlib
 
@@ -303,6 +326,9 @@ def write_report(out: Path) -> str:
         rows_with_pairs(out, headline + variants, study.SEEDS, "test"),
         "Per seed (CIDEr / all right % / accuracy, test split, last epoch; **div**: diverged by the fixed rule):",
         per_seed_table(out, headline + variants, study.SEEDS, "test"),
+        "NRCA's mean clean confidence I of the open samples, first epoch → last epoch (share of open samples with "
+        "I~ > I over all steps), per seed:",
+        confidence_table(out, [c for c in headline + variants if c[1].method == "nrca"], study.SEEDS),
         "Post hoc (defined after reading NRCA's captions): test captions with any word of a fabricated detail:",
         detail_word_table(out, headline + variants, study.SEEDS),
         "## Per-epoch validation scores (Fig. 1 on the testbed), mean ± std over seeds",
