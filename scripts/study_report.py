@@ -146,7 +146,7 @@ def map_table(out: Path) -> str:
         if not found:
             continue
         llm, connector = study.LR_ARMS[arm]
-        lines.append(f"| {cell.name} | {llm:g} / {connector:g} | {lam:g}{'' if method == 'nrca' else ' (–)'} | "
+        lines.append(f"| {cell.name} | {llm:g} / {connector:g} | {f'{lam:g}' if method == 'nrca' else '–'} | "
                      f"{len(found)} | {sum(study.diverged(r) for r in found.values())}/{len(found)} | "
                      + " | ".join(mean_std(r.get(k) for r in found.values())
                                   for k in ("cider", "accuracy", "grounded_all", "grounded_fabricated")) + " |")
