@@ -51,6 +51,12 @@ def rows_with_pairs(out: Path, cells: list[tuple[str, study.Cell]], seeds, split
         f"Δ {label} vs Full FT [95 % CI]" for _, label in PAIRED) + " |"
     lines = [header, "|---|---:|---:|" + "---:|" * (len(METRICS) + len(PAIRED))]
     full = results(out, study.FULL, seeds, split)
+    zero = [json.loads(p.read_text()) for seed in seeds
+            if (p := out / f"seed{seed}" / "zero-shot" / split / "eval.json").is_file()]
+    if zero:  # the base before fine-tuning: a reference row, no pairing
+        lines.append(f"| zero-shot base | {len(zero)} | {sum(study.diverged(r) for r in zero)}/{len(zero)} | "
+                     + " | ".join([mean_std(r.get(key) for r in zero) for key, _ in METRICS] + ["–"] * len(PAIRED))
+                     + " |")
     for name, cell in cells:
         found = results(out, cell, seeds, split)
         if not found:

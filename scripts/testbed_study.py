@@ -6,6 +6,7 @@ and committed before any of these runs started (git log of this file). Nothing h
     python scripts/testbed_study.py run variants   # 3. NRCA variants beyond the paper (only if 1. says unstable)
     python scripts/testbed_study.py run budget     # 4. equal tuning budget: the grid on the validation split
     python scripts/testbed_study.py run budget-test   # 4. then the paper's and the chosen setting on the test split
+    python scripts/testbed_study.py run zero-shot  # the base models before fine-tuning, test split (a reference row)
     python scripts/testbed_study.py report         # every table and figure -> OUT/results.md
     (--out runs/study by default; --workers 2: runs in parallel, one thread each; resumable: a finished run is
     kept, an interrupted one resumes)
@@ -237,7 +238,23 @@ def unstable_as_published(out: Path) -> bool:
     return any(diverged(result) for result in found)
 
 
+def zero_shot(out: Path) -> None:
+    """The base model before fine-tuning, per seed, on the test split (a reference row, chooses nothing)."""
+    for seed in SEEDS:
+        folder = out / f"seed{seed}" / "zero-shot"
+        bases = sorted((out / f"seed{seed}").glob("base-*/final"))
+        if (folder / "test" / "eval.json").is_file() or not bases:
+            continue
+        log = out / "logs" / f"seed{seed}-zero-shot.log"
+        with log.open("a") as f:
+            subprocess.run([sys.executable, "evaluate.py", str(bases[0]), "--data", f"data/testbed-seed{seed}",
+                            "--split", "test", "--out", str(folder / "test"), "--batch-size", "32"],
+                           stdout=f, stderr=subprocess.STDOUT, cwd=REPO, check=True)
+
+
 def run_part(out: Path, part: str, workers: int) -> None:
+    if part == "zero-shot":
+        return zero_shot(out)
     if part == "variants" and not unstable_as_published(out):
         print("variants: NRCA diverged on none of the ten seeds of part 1, so, as fixed in advance, they do not run")
         return
@@ -303,7 +320,7 @@ def budget_report_cells(out: Path) -> list[Cell]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("run", "report"))
-    parser.add_argument("part", nargs="?", choices=("seeds", "map", "variants", "budget", "budget-test"))
+    parser.add_argument("part", nargs="?", choices=("seeds", "map", "variants", "budget", "budget-test", "zero-shot"))
     parser.add_argument("--out", default="runs/study")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
