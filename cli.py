@@ -10,8 +10,10 @@ of this project's files is printed on stderr as
 
 and the process exits with status 2 (argparse's status for a bad command line). Every other exception,
 and one of those types raised inside torch, transformers or another library, is unexpected and keeps its
-full traceback. `--debug` anywhere on the command line (taken out before the tool parses its options) or
-NRCA_DEBUG=1 in the environment shows the traceback of every error, for bug reports.
+full traceback. (A ValueError that a bug in our own code raises, an unpacking error say, is shown as bad
+input; the one line still names it, and --debug shows where.) `--debug` anywhere on the command line (taken out
+before the tool parses its options) or NRCA_DEBUG=1 in the environment shows the traceback of every error, for
+bug reports.
 
     if __name__ == "__main__":
         cli.run(lambda: main(parse_config()))

@@ -65,6 +65,7 @@ from reporting import format_table, plot_curves, read_eval, run_name
 
 TASKS = ("caption", "choice")
 SPLITS = ("test", "val")  # a data folder's evaluation splits: {split}_caption.json, {split}_choice.json
+ATTENTION_PARTS = ("system", "prompt", "visual")
 
 
 def split_files(split: str = "test") -> dict[str, str]:
@@ -72,7 +73,6 @@ def split_files(split: str = "test") -> dict[str, str]:
     if split not in SPLITS:
         raise ValueError(f"evaluation split {split!r}: expected one of {SPLITS}")
     return {task: f"{split}_{task}.json" for task in TASKS}
-ATTENTION_PARTS = ("system", "prompt", "visual")
 
 
 # ---------------------------------------------------------------------------------------------

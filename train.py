@@ -124,12 +124,13 @@ class TrainConfig:
     save_every: int = _f(0, "checkpoint every N optimizer steps (0: only at epoch ends)")
     resume: bool = _f(False, "continue from the latest checkpoint in --out-dir")
     stop_at_step: int = _f(0, "stop (with a checkpoint) after this step; the schedule still spans all epochs")
-    eval_every_epoch: bool = _f(True, "evaluate on the test split after every epoch (Fig. 1 curves)")
+    eval_every_epoch: bool = _f(True, "evaluate on --eval-split after every epoch (Fig. 1 curves)")
     eval_max_new_tokens: int = _f(24, "generation length for evaluation")
-    eval_limit: int = _f(0, "evaluate on the first N test records per task (0: all)")
+    eval_limit: int = _f(0, "evaluate on the first N records per task (0: all)")
     eval_split: str = _f("test", "split of --data-dir the per-epoch evaluation reads: test | val (the testbed's "
                                  "validation split, for choices made by looking at results)")
-    eval_noisy_final: bool = _f(False, "also evaluate the final model on delta = 0.5 inputs (Fig. 3): eval_noisy.json")
+    eval_noisy_final: bool = _f(False, "also evaluate the final model on delta = 0.5 inputs (Fig. 3), on --eval-split: "
+                                       "eval_noisy.json")
     compare: str = _f("", "comma-separated methods also trained from the same base, with the same data and "
                           "schedule, into OUT_DIR/METHOD; their per-epoch scores are printed side by side")
     diagnose_every: int = _f(0, "NRCA: every N steps, the norms of the CE and alignment gradients and their cosine "
@@ -233,6 +234,9 @@ def validate_config(cfg: TrainConfig) -> None:
     checks.append((not (cfg.train and evaluates and not cfg.test),
                    "--train given without --test: name the test splits for the per-epoch evaluation "
                    "(or pass --no-eval-every-epoch)"))
+    checks.append((not (cfg.train and cfg.eval_split != "test"),
+                   f"--eval-split {cfg.eval_split}: reads a split of --data-dir; with --train, --test names the "
+                   "splits to evaluate on"))
     for ok, message in checks:
         if not ok:
             raise ValueError(message)

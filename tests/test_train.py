@@ -265,6 +265,8 @@ def test_nan_logits_stop_the_run_with_step_batch_and_checkpoint(synthetic_data_d
     (dict(nrca_impl="fast"), "--nrca-impl 'fast'"),
     (dict(nrca_alignment="l1"), "--nrca-alignment 'l1'"),
     (dict(eval_split="dev"), "--eval-split 'dev'"),
+    (dict(train=["caption:x=/no/such/file.json"], test=["caption:y=/no/such/file.json"], eval_split="val"),
+     "--eval-split val: reads a split of --data-dir"),
     (dict(preset="llava-13b"), "--preset 'llava-13b'"),
     (dict(train=["caption:x=/no/such/file.json"]), "does not exist"),
     (dict(train=["captions=/no/such/file.json"]), "TASK:NAME=PATH"),
