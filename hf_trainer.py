@@ -57,7 +57,7 @@ from transformers import Trainer, TrainingArguments
 import data
 import hf_models
 from methods import get_method
-from train import TrainConfig, make_config, noise_seed, parse_train_spec
+from train import TrainConfig, checkpoint_decoder_layers, make_config, noise_seed, parse_train_spec
 
 SUPPORTED_METHODS = ("nrca", "full")
 
@@ -134,6 +134,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--max-length", type=int, default=2048, help="max tokens per sample (the prompt is never cut)")
     add("--connector", action="append", help="connector module name(s), overriding hf_models.CONNECTORS")
     add("--tune-last-layers", type=int, default=2, help="trainable decoder layers, from the top")
+    add("--activation-checkpointing", action="store_true", help="recompute every decoder layer in the backward "
+        "pass (transformers' own mechanism, as train.py; same weights)")
     add("--epochs", type=float, default=3, help="training epochs")
     add("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: epochs decide)")
     add("--batch-size", type=int, default=16, help="global batch (paper: 16) = micro batch x accumulation x ranks")
@@ -168,6 +170,8 @@ def main(args: argparse.Namespace) -> dict:
     for group in groups:
         for p in group["params"]:
             p.data = p.data.float()
+    if args.activation_checkpointing:
+        checkpoint_decoder_layers(mllm.model.get_decoder())
 
     if args.train:
         sources = [parse_train_spec(spec) for spec in args.train]

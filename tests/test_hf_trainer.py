@@ -103,6 +103,36 @@ def test_trainer_trains_qwen2_vl_packed_patches(synthetic_data_dir, tmp_path):
     assert all(torch.equal(dict(mllm.model.named_parameters())[n], before[n]) for n in frozen)
 
 
+def test_activation_checkpointing_on_a_generic_family_gives_the_same_weights(synthetic_data_dir, tmp_path):
+    """Qwen2-VL through transformers' own checkpointing (train.checkpoint_decoder_layers, hf_trainer.py's
+    --activation-checkpointing): every decoder layer runs again in the backward pass, the weights come out equal."""
+    from train import checkpoint_decoder_layers
+
+    weights, calls = {}, {}
+    for checkpointing in (False, True):
+        mllm = hf_tiny.build("qwen2_vl")
+        hf_models.freeze(mllm, tune_last_layers=2)
+        if checkpointing:
+            checkpoint_decoder_layers(mllm.model.get_decoder())
+        counter = {"n": 0}
+
+        def count(*_, counter=counter):  # inside the recomputed region: runs again in the backward pass
+            counter["n"] += torch.is_grad_enabled()
+
+        for layer in mllm.decoder_layers:
+            layer.self_attn.register_forward_hook(count)
+        dataset = hf_models.HFDataset(synthetic_records(synthetic_data_dir), synthetic_data_dir, mllm)
+        trainer = NRCATrainer(model=mllm.model, args=arguments(tmp_path / str(checkpointing), max_steps=2),
+                              train_dataset=dataset, data_collator=mllm.collate, processing_class=mllm.processor,
+                              nrca={"method": "nrca"})
+        trainer.train()
+        weights[checkpointing] = trainable_copy(mllm.model)
+        calls[checkpointing] = counter["n"]
+    assert calls[False] > 0 and calls[True] == 2 * calls[False], calls
+    assert weights[True].keys() == weights[False].keys()
+    assert all(torch.equal(weights[True][k], weights[False][k]) for k in weights[False])
+
+
 def test_trainer_rejects_methods_with_state():
     with pytest.raises(ValueError, match="random-mask"):
         NRCATrainer(model=torch.nn.Linear(1, 1), nrca={"method": "random-mask"})
