@@ -70,7 +70,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,7 +124,6 @@ class Job:
     seed: int
     per_epoch: bool  # evaluate on the validation split after every epoch (part 1), else once at the end
     test: bool  # evaluate the final model on the test split
-    extra: list = field(default_factory=list)
 
 
 def part_jobs(part: str, out: Path) -> list[Job]:
