@@ -7,8 +7,8 @@ The loss of one step comes from methods.py (Full FT, NRCA) or a counterpart file
 folder and whether --resume continues the same run is in run_folder.py.
 
 Run:
-    python train.py                                   # embedded default: synthetic data, tiny-llava,
-                                                      # NRCA, a few minutes on a laptop CPU
+    python train.py                                   # embedded default: the testbed world, a tiny LLaVA
+                                                      # pre-trained on it, NRCA beside Full FT (2.5 min, 2 cores)
     python train.py --preset llava --model /ckpt/llava-1.5-7b-hf \\
         --train caption:flickr30k=/data/flickr30k.json --train choice:scienceqa=/data/sqa.json \\
         --image-folder /data/images --out-dir runs/llava_nrca
