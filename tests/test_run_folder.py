@@ -28,7 +28,7 @@ import models
 import run_folder
 import train
 
-TIMING = ("tokens_per_s", "peak_memory_mb")  # wall-clock measurements: the only fields a rerun may change
+TIMING = ("tokens_per_s", "peak_memory_mb", "seconds")  # wall-clock measurements: the only fields a rerun may change
 EVAL = dict(eval_every_epoch=True, eval_limit=1, eval_max_new_tokens=2)
 
 
