@@ -336,19 +336,6 @@ def gates(answer, root) -> list[dict]:
     ]
 
 
-def model_answerer(mllm, root, batch_size: int = 32):
-    """`answer` for `gates`: greedy answers of an MLLM (evaluate.generate_answers; noise seed 0)."""
-    import evaluate
-
-    def answer(records, noisy):
-        records = evaluate.validate_test_records(records, "choice", "testbed gates")  # adds "question"
-        items = evaluate.generate_answers(mllm, records, Path(root), batch_size=batch_size, max_new_tokens=4,
-                                          noisy=noisy, delta=GATE_DELTA)
-        return {item["id"]: item["prediction"] for item in items}
-
-    return answer
-
-
 def format_gates(rows: list[dict]) -> str:
     lines = ["testbed gates on the base model (downstream multiple-choice test split):"]
     for row in rows:

@@ -571,6 +571,21 @@ def main(cfg: TrainConfig) -> dict:
             dist.destroy_process_group()
 
 
+def gate_answerer(mllm, root, batch_size: int = 32):
+    """`answer` for testbed.gates: greedy answers of an MLLM (evaluate.generate_answers; noise seed 0). Here,
+    not in testbed.py, so that the world's generator imports no evaluation (and evaluate.py -> models.py ->
+    testbed.py closes no circle)."""
+    import evaluate
+
+    def answer(records, noisy):
+        records = evaluate.validate_test_records(records, "choice", "testbed gates")  # adds "question"
+        items = evaluate.generate_answers(mllm, records, Path(root), batch_size=batch_size, max_new_tokens=4,
+                                          noisy=noisy, delta=testbed.GATE_DELTA)
+        return {item["id"]: item["prediction"] for item in items}
+
+    return answer
+
+
 def pretrain_base_model(cfg: TrainConfig, rank: int, world: int, device) -> Path:
     """The embedded default's stand-in for a pre-trained MLLM (testbed.py): the random tiny model trains
     every part, its vision tower included, on the testbed's pre-training corpus (own images, plain
@@ -624,7 +639,7 @@ def pretrain_base_model(cfg: TrainConfig, rank: int, world: int, device) -> Path
     report = base_dir / f"gates-world{testbed.WORLD_VERSION}.json"  # on this world's test split
     if rank == 0 and not report.is_file():
         mllm = models.load_model(str(base_dir / "final"), device=device)
-        report.write_text(json.dumps(testbed.gates(testbed.model_answerer(mllm, root), root), indent=2) + "\n")
+        report.write_text(json.dumps(testbed.gates(gate_answerer(mllm, root), root), indent=2) + "\n")
     if world > 1:
         dist.barrier()
     rows = json.loads(report.read_text())

@@ -238,3 +238,13 @@ def test_validation_split_records_keep_their_scene(world):
     for name in ("val_caption.json", "val_choice.json", "test_caption.json", "test_choice.json"):
         records = json.loads((world / name).read_text())
         assert len(records) == SMALL["n_test"] and all(set(r["scene"]) == set(testbed.ATTRIBUTES) for r in records)
+
+
+def test_gates_run_on_a_real_model_through_train_gate_answerer(world):
+    """train.gate_answerer (what pretrain_base_model uses) answers the gate questions with greedy generation."""
+    import models
+    import train
+
+    rows = testbed.gates(train.gate_answerer(models.load_model("tiny-llava"), world, batch_size=4), world)
+    assert [row["gate"] for row in rows] == ["sees", "noisy view keeps the picture"]
+    assert all(0.0 <= row["value"] <= 100.0 for row in rows)
