@@ -93,6 +93,14 @@ def finished_curve(out: Path, cell: study.Cell, seed: int) -> list[dict]:
     return [result for _, result in epoch_evals(folder)]
 
 
+def finished_metrics(out: Path, cell: study.Cell, seed: int) -> list[dict]:
+    """A finished run's metrics.jsonl records, steps and evaluations ([] while it trains or when absent)."""
+    metrics = study.run_folder(out, study.Job(cell, seed, False, False)) / "metrics.jsonl"
+    if not metrics.is_file() or not (metrics.parent / "final").is_dir():
+        return []
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+
+
 def per_seed_table(out: Path, cells: list[tuple[str, study.Cell]], seeds, split: str) -> str:
     """Every seed's last-epoch CIDEr / all-right / accuracy, a diverged run marked: nothing hides in a mean."""
     lines = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---:|" * len(seeds)]
@@ -170,8 +178,7 @@ def budget_table(out: Path) -> str:
         grid = [c for c in study.budget_cells() if c.method == method]
         for c in grid:
             val = results(out, c, study.SELECTION_SEEDS, "val")
-            score = statistics.fmean((r.get("grounded_all", 0) + r.get("accuracy", 0)) / 2 for r in val.values()) \
-                if val else math.nan
+            score = study.selection_score(list(val.values())) if val else math.nan
             chosen = c in report_cells and (c != grid[0] or len([g for g in grid if g in report_cells]) == 1)
             test = results(out, c, study.BUDGET_TEST_SEEDS, "test") if c in report_cells else {}
             cells = [mean_std(r.get(k) for r in test.values())
@@ -192,9 +199,8 @@ def timing(out: Path) -> str:
     for name, cell in (("Full FT", study.FULL), ("NRCA", study.NRCA)):
         train, evaluation = [], []
         for seed in study.SEEDS:
-            metrics = study.run_folder(out, study.Job(cell, seed, True, False)) / "metrics.jsonl"
-            if metrics.is_file() and (metrics.parent / "final").is_dir():
-                entries = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            entries = finished_metrics(out, cell, seed)
+            if entries:
                 train.append(sum(e.get("seconds", 0) for e in entries if "step" in e))
                 evaluation.append(sum(e.get("seconds", 0) for e in entries if "eval" in e))
         if train:
@@ -278,9 +284,7 @@ def confidence_table(out: Path, cells, seeds) -> str:
     for name, cell in cells:
         row = []
         for seed in seeds:
-            metrics = study.run_folder(out, study.Job(cell, seed, False, False)) / "metrics.jsonl"
-            steps = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-            steps = [e for e in steps if "step" in e and "confidence" in e]
+            steps = [e for e in finished_metrics(out, cell, seed) if "step" in e and "confidence" in e]
             if not steps:
                 row.append("–")
                 continue

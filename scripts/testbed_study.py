@@ -193,24 +193,30 @@ def job_done(out: Path, job: Job) -> bool:
     return bool(final_val(folder)) and (not job.test or bool(final_test(folder)))
 
 
+def run_logged(args: list[str], log: Path) -> tuple[int, str]:
+    """`python ARGS` in the repository with one thread (the study's protocol), its output appended to `log`:
+    (return code, what it wrote)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = log.stat().st_size if log.is_file() else 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    with log.open("a") as f:
+        done = subprocess.run([sys.executable, *args], stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    return done.returncode, log.read_text(errors="replace")[start:]
+
+
 def execute(out: Path, job: Job) -> float:
     folder = run_folder(out, job)
     log = out / "logs" / f"seed{job.seed}-{job.cell.name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     started = time.time()
 
     def call(args):
-        start = log.stat().st_size if log.is_file() else 0
-        with log.open("a") as f:
-            done = subprocess.run([sys.executable, *args], stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        if done.returncode:
-            said = log.read_text(errors="replace")[start:]
+        returncode, said = run_logged(args, log)
+        if returncode:
             if args[0] == "train.py" and "error: non-finite loss" in said:  # cli.py's line for FloatingPointError
                 line = said[said.index("error: non-finite loss"):].splitlines()[0]
                 (folder / NONFINITE).write_text(json.dumps({"nonfinite": line}) + "\n")
                 return False
-            raise RuntimeError(f"failed ({done.returncode}): {' '.join(args)}; see {log}")
+            raise RuntimeError(f"failed ({returncode}): {' '.join(args)}; see {log}")
         return True
 
     if not (folder / "final").is_dir():
@@ -245,10 +251,10 @@ def zero_shot(out: Path) -> None:
         if (folder / "test" / "eval.json").is_file() or not bases:
             continue
         log = out / "logs" / f"seed{seed}-zero-shot.log"
-        with log.open("a") as f:
-            subprocess.run([sys.executable, "evaluate.py", str(bases[0]), "--data", f"data/testbed-seed{seed}",
-                            "--split", "test", "--out", str(folder / "test"), "--batch-size", "32"],
-                           stdout=f, stderr=subprocess.STDOUT, cwd=REPO, check=True)
+        args = ["evaluate.py", str(bases[0]), "--data", f"data/testbed-seed{seed}", "--split", "test", "--out",
+                str(folder / "test"), "--batch-size", "32"]
+        if run_logged(args, log)[0]:
+            raise RuntimeError(f"failed: {' '.join(args)}; see {log}")
 
 
 def run_part(out: Path, part: str, workers: int) -> None:
@@ -293,14 +299,18 @@ def paired_bootstrap(a: list[float], b: list[float], resamples: int = BOOTSTRAP_
     return statistics.fmean(differences), means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
-def select(scores: dict[Cell, list[dict]], paper: Cell) -> Cell:
-    """The budget rule: highest mean (grounded_all + accuracy) / 2 over the selection seeds; ties -> paper."""
-    def score(c):
-        results = scores[c]
-        return statistics.fmean((r.get("grounded_all", 0.0) + r.get("accuracy", 0.0)) / 2 for r in results)
+def selection_score(results: list[dict]) -> float:
+    """The budget's criterion: mean over the selection seeds of (grounded_all + accuracy) / 2 (a missing score,
+    e.g. a run stopped by a non-finite loss, counts 0)."""
+    return statistics.fmean((r.get("grounded_all", 0.0) + r.get("accuracy", 0.0)) / 2 for r in results)
 
-    best = max(score(c) for c in scores)
-    return paper if math.isclose(score(paper), best) else max(scores, key=score)
+
+def select(scores: dict[Cell, list[dict]], paper: Cell) -> Cell:
+    """The budget rule: the highest selection_score over the selection seeds; ties -> paper."""
+    best = max(selection_score(scores[c]) for c in scores)
+    if math.isclose(selection_score(scores[paper]), best):
+        return paper
+    return max(scores, key=lambda c: selection_score(scores[c]))
 
 
 def budget_report_cells(out: Path) -> list[Cell]:
