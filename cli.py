@@ -39,12 +39,12 @@ def is_bad_input(error: BaseException) -> bool:
     return expected and bool(frames) and Path(frames[-1].filename).resolve().parent in OWN_FOLDERS
 
 
-def run(entry_point, program: str | None = None):
+def run(entry_point):
     """Call entry_point() and end the process: its exit status (None or a dict/str/Path result: 0), or 2 with
     a one-line message for bad input; unexpected errors propagate with their traceback."""
     debug = DEBUG_FLAG in sys.argv[1:] or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
     sys.argv = [sys.argv[0]] + [a for a in sys.argv[1:] if a != DEBUG_FLAG]
-    program = program or Path(sys.argv[0]).name
+    program = Path(sys.argv[0]).name
     try:
         result = entry_point()
     except Exception as error:
