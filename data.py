@@ -435,6 +435,35 @@ def open_image(path: Path, where: str, header_only: bool = False) -> Image.Image
         raise DataError(f"{where}: image {path} cannot be read: {error}") from None
 
 
+def usable_records(records, image_folder, prepare, skip_bad_records: bool = False):
+    """The eager checks every training dataset runs before the first step: each record's structure
+    (validate_record), `prepare(record, where)` (tokenisation: raises DataError for a bad record, returns what
+    the dataset keeps of it) and its image's existence and header. Returns (kept records, what prepare returned
+    for each, skipped messages). A bad record stops the run, naming it, unless skip_bad_records: then it is
+    left out and logged, and the messages are returned. No usable record at all is an error either way."""
+    kept, prepared, skipped = [], [], []
+    for index, record in enumerate(records):
+        where = (f"record {index} (id {record.get('id')!r}, source {record.get('source')!r})"
+                 if isinstance(record, dict) else f"record {index}")
+        try:
+            validate_record(record, where)
+            value = prepare(record, where)
+            open_image(Path(image_folder) / record["image"], where, header_only=True)
+        except (DataError, FileNotFoundError) as error:
+            if not skip_bad_records:
+                raise
+            log.warning("skipping bad record: %s", error)
+            skipped.append(str(error))
+            continue
+        kept.append(record)
+        prepared.append(value)
+    if skipped:
+        log.warning("skipped %d of %d records (skip_bad_records=True)", len(skipped), len(skipped) + len(kept))
+    if not kept:
+        raise DataError(f"no usable record among {len(skipped)} (skipped: {skipped[:3]})")
+    return kept, prepared, skipped
+
+
 class MultiTaskDataset(torch.utils.data.Dataset):
     """Records -> dict(id, task, source, input_ids (T,), labels (T,), pixel_values (C, H, W), ...).
 
@@ -454,37 +483,23 @@ class MultiTaskDataset(torch.utils.data.Dataset):
                  max_length: int, skip_bad_records: bool = False):
         self.image_folder = Path(image_folder)
         self.preprocess = preprocess
-        self.skipped: list[str] = []
-        self.n_truncated = 0  # records cut to max_length (assemble_turns), logged once
-        self.records, self.pieces = [], []
         self.num_image_tokens, self.image_token_id, self.max_length = num_image_tokens, image_token_id, max_length
-        for index, record in enumerate(records):
-            where = f"record {index} (id {record.get('id')!r}, source {record.get('source')!r})"
-            try:
-                validate_record(record, where)
-                turns = conversation_turns(record, where)
-                question, answer = turns[0]
-                pieces = encode_turns(turns, tokenizer, where)
-                input_ids, _ = assemble_turns(*pieces, num_image_tokens, image_token_id, max_length, where)
-                open_image(self.image_folder / record["image"], where, header_only=True)
-            except (DataError, FileNotFoundError) as error:
-                if not skip_bad_records:
-                    raise
-                log.warning("skipping bad record: %s", error)
-                self.skipped.append(str(error))
-                continue
-            self.records.append({**record, "question": question, "answer": answer})
-            self.pieces.append(pieces)
+
+        def tokenize(record, where):
+            turns = conversation_turns(record, where)
+            pieces = encode_turns(turns, tokenizer, where)
+            input_ids, _ = assemble_turns(*pieces, num_image_tokens, image_token_id, max_length, where)
             full_length = len(pieces[0]) + num_image_tokens + sum(len(p) + len(a) for p, a in pieces[1])
-            self.n_truncated += len(input_ids) < full_length
+            return turns[0], pieces, len(input_ids) < full_length
+
+        self.records, prepared, self.skipped = usable_records(records, self.image_folder, tokenize, skip_bad_records)
+        self.records = [{**record, "question": question, "answer": answer}
+                        for record, ((question, answer), _, _) in zip(self.records, prepared, strict=True)]
+        self.pieces = [pieces for _, pieces, _ in prepared]
+        self.n_truncated = sum(truncated for _, _, truncated in prepared)  # cut to max_length (assemble_turns)
         if self.n_truncated:
             log.warning("%d of %d records are longer than max_length=%d and were truncated (an answer's tail, or "
                         "whole later turns; see assemble_turns)", self.n_truncated, len(self.records), max_length)
-        if self.skipped:
-            log.warning("skipped %d of %d records (skip_bad_records=True)", len(self.skipped),
-                        len(self.skipped) + len(self.records))
-        if not self.records:
-            raise DataError(f"no usable record among {len(self.skipped)} (skipped: {self.skipped[:3]})")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -516,33 +531,67 @@ def pad_sequences(rows: list[torch.Tensor], value: int, left: bool = False, widt
     return out
 
 
-def collate(batch: list[dict], pad_token_id: int) -> dict:
-    """Right-padded training batch: input_ids, attention_mask, labels (-100 on padding) (B, T),
-    pixel_values (B, C, H, W), ids, tasks, sources (lists of str)."""
+TOKEN_ALIGNED = ("mm_token_type_ids", "token_type_ids")  # processor outputs of shape (B, T), padded like ids
+
+
+def collate(batch: list[dict], pad_token_id: int, left: bool = False) -> dict:
+    """Samples of either model kind -> one batch: input_ids, attention_mask (B, T), labels (-100 on padding)
+    when the samples have labels, pixel_values, and ids / tasks / sources (lists of str) when they carry
+    id / task / source. Right-padded for training; left=True left-pads (prompts for generation).
+    pixel_values: (C, H, W) per sample are stacked to (B, C, H, W), one-image batches (1, C, H, W) are
+    concatenated; dicts of a transformers processor's tensors (models.py's generic path) are merged by
+    `merge_images`."""
     if not batch:
         raise ValueError("collate: empty batch")
-    input_ids = pad_sequences([item["input_ids"] for item in batch], pad_token_id)  # (B, T)
-    attention_mask = pad_sequences([torch.ones_like(item["input_ids"]) for item in batch], 0)  # (B, T)
-    labels = pad_sequences([item["labels"] for item in batch], IGNORE_INDEX)  # (B, T)
-    pixel_values = torch.stack([item["pixel_values"] for item in batch])  # (B, C, H, W)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixel_values,
-            "ids": [item["id"] for item in batch], "tasks": [item["task"] for item in batch],
-            "sources": [item["source"] for item in batch]}
+    rows = [item["input_ids"] for item in batch]
+    out = {"input_ids": pad_sequences(rows, pad_token_id, left=left),  # (B, T)
+           "attention_mask": pad_sequences([torch.ones_like(row) for row in rows], 0, left=left)}  # (B, T)
+    if "labels" in batch[0]:
+        out["labels"] = pad_sequences([item["labels"] for item in batch], IGNORE_INDEX, left=left)  # (B, T)
+    pixels = [item["pixel_values"] for item in batch]
+    if isinstance(pixels[0], dict):
+        out["pixel_values"] = merge_images(pixels, left=left)
+    else:
+        out["pixel_values"] = torch.stack(pixels) if pixels[0].dim() == 3 else torch.cat(pixels)  # (B, C, H, W)
+    for key, name in (("id", "ids"), ("task", "tasks"), ("source", "sources")):
+        if key in batch[0]:
+            out[name] = [item[key] for item in batch]
+    return out
 
 
-def collate_for_generation(batch: list[dict], pad_token_id: int) -> dict:
-    """Left-padded prompts (up to and including "ASSISTANT:") for greedy generation: input_ids,
-    attention_mask (B, T), pixel_values (B, C, H, W), ids, tasks, sources, answers, references."""
-    if not batch:
-        raise ValueError("collate_for_generation: empty batch")
-    prompts = [item["input_ids"][: item["prompt_length"]] for item in batch]
-    input_ids = pad_sequences(prompts, pad_token_id, left=True)  # (B, T)
-    attention_mask = pad_sequences([torch.ones_like(p) for p in prompts], 0, left=True)  # (B, T)
-    pixel_values = torch.stack([item["pixel_values"] for item in batch])  # (B, C, H, W)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
-            "ids": [item["id"] for item in batch], "tasks": [item["task"] for item in batch],
-            "sources": [item["source"] for item in batch], "answers": [item["answer"] for item in batch],
-            "references": [item["references"] for item in batch]}
+def merge_images(parts: list[dict], left: bool = False) -> dict:
+    """Per-sample dicts of a processor's image tensors (leading dim 1) -> one batch dict. Packed patches
+    (Qwen2-VL) are concatenated along the patch axis; tiled layouts (1, n_tiles, C, H, W) and Idefics3's
+    pixel_attention_mask are zero-padded to the largest n_tiles, H and W (what the processors do in a batched
+    call: the models drop all-zero tiles and mask zero pixels); token-aligned extras are padded like input_ids."""
+    keys = set(parts[0])
+    for part in parts:
+        if set(part) != keys:
+            raise ValueError(f"data.merge_images: samples carry different image keys {sorted(keys)} vs "
+                             f"{sorted(part)}")
+    merged = {}
+    for key in sorted(keys):
+        tensors = [part[key] for part in parts]
+        tiled = "image_grid_thw" not in keys and (key == "pixel_attention_mask" or tensors[0].dim() == 5)
+        if key in TOKEN_ALIGNED:
+            merged[key] = pad_sequences([t[0] for t in tensors], 0, left=left)  # (B, T)
+        elif tiled:
+            shape = [max(sizes) for sizes in zip(*(t.shape[1:] for t in tensors), strict=True)]
+            padded = []
+            for t in tensors:
+                out = t.new_zeros(1, *shape)  # (1, n, [C,] H, W)
+                out[(slice(None), *(slice(0, n) for n in t.shape[1:]))] = t
+                padded.append(out)
+            merged[key] = torch.cat(padded)
+        else:
+            merged[key] = torch.cat(tensors)  # packed patches, (B, C, H, W), image_grid_thw, image_sizes, ...
+    return merged
+
+
+def to_device(batch: dict, device) -> dict:
+    """Every tensor of a batch (nested dicts too) on `device`; other values as they are."""
+    return {key: to_device(value, device) if isinstance(value, dict) else
+            value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------

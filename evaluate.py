@@ -18,7 +18,7 @@ question's "A. text" lines). Ids are unique per file; predictions are matched to
 Run folder (what train.py writes and this file reads):
     RUN/config.json          train.py's TrainConfig; read: "data_dir" (test splits), "train" (then --test
                              is required), "method" (row name), "eval_max_new_tokens"
-    RUN/final/               the fine-tuned model, loadable by models.load_model
+    RUN/final/               the fine-tuned model (any kind), loadable by models.load_model
     RUN/metrics.jsonl        one JSON object per line; lines {"epoch": k, "eval": {...eval.json...}} are
                              the per-epoch evaluations (Fig. 1); other lines (training steps) are ignored
     RUN/eval_epoch{k}/       eval.json + predictions of epoch k (fallback source for `plot`)
@@ -169,16 +169,6 @@ def _record_seed(noise_seed: int, record_id: str) -> int:
     return (noise_seed * 1_000_003 + zlib.crc32(record_id.encode())) % (2**63 - 1)
 
 
-def _noisy(pixel_values: torch.Tensor, ids: list[str], noise_seed: int, delta: float) -> torch.Tensor:
-    from noise import noisy_mixup
-
-    out = []
-    for row, record_id in zip(pixel_values, ids, strict=True):
-        generator = torch.Generator(device=row.device).manual_seed(_record_seed(noise_seed, record_id))
-        out.append(noisy_mixup(row[None], delta=delta, stats="image", generator=generator))  # Eq. (2b), (1, C, H, W)
-    return torch.cat(out)  # (B, C, H, W)
-
-
 def system_token_ids(tokenizer) -> list[int]:
     """Tokens of BOS + the system prompt that start every prompt (Table 1's "system" span); BOS is
     prepended explicitly, as data.encode_conversation does."""
@@ -212,20 +202,6 @@ def middle_layers(n_layers: int) -> range:
     return range(n_layers // 3, n_layers - n_layers // 3)
 
 
-def _prompt_ids(mllm, question: str, max_length: int = 1_000_000) -> list[int]:
-    """Prompt token ids exactly as training conditions on them: data.py's tokenize_conversation (vicuna_v1
-    template, image placeholder expanded to num_image_tokens image tokens) of the question with a
-    placeholder answer, cut before the first label token (so the prompt ends at "ASSISTANT:")."""
-    import data
-
-    input_ids, labels = data.tokenize_conversation(question, "A", mllm.tokenizer, mllm.num_image_tokens,
-                                                   mllm.image_token_id, max_length)
-    answer = (labels != -100).nonzero()
-    if len(answer) == 0:
-        raise ValueError(f"data.tokenize_conversation left no answer label for question {question[:80]!r}")
-    return input_ids[: int(answer[0])].tolist()
-
-
 def _load_images(records: list[dict], image_folder: Path):
     from data import open_image
 
@@ -235,30 +211,36 @@ def _load_images(records: list[dict], image_folder: Path):
 def generate_answers(mllm, records: list[dict], image_folder: Path, batch_size: int = 8, max_new_tokens: int = 24,
                      noisy: bool = False, noise_seed: int = 0, delta: float = 0.5, attention: bool = False,
                      progress: bool = False) -> list[dict]:
-    """Greedy answers for records (this rank's share): [{"id", "prediction", "prompt_tokens", ["attention"]}].
-    attention: {"all": [system, prompt, visual], "mid": [...]} for the first generated token."""
+    """Greedy answers for records (this rank's share): [{"id", "prediction", "prompt_tokens", ["attention"]}],
+    for either kind of model (models.py's interface: mllm.prompt, data.collate, mllm.generate). noisy: each
+    image's Noisy Visual Mixup view (Eq. 2b, its own statistics) with a seed per record, so the view does not
+    depend on batching, sharding or --limit. attention: {"all": [system, prompt, visual], "mid": [...]} for
+    the first generated token (LLaVA-1.5 / VILA1.5)."""
     from tqdm import tqdm
 
     import data
+    from noise import noisy_pixel_values
 
-    device = mllm.device
-    system_ids = torch.tensor(system_token_ids(mllm.tokenizer), device=device)  # (n_system,)
+    device, config = mllm.device, getattr(mllm.model, "config", None)
     out = []
     starts = range(0, len(records), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress, dynamic_ncols=True):
         batch = records[start:start + batch_size]
-        rows = [_prompt_ids(mllm, record["question"]) for record in batch]
-        rows = [torch.tensor(row, dtype=torch.long, device=device) for row in rows]
-        input_ids = data.pad_sequences(rows, mllm.pad_token_id, left=True)  # (B, T)
-        attention_mask = data.pad_sequences([torch.ones_like(row) for row in rows], 0, left=True)  # (B, T)
-        pixel_values = mllm.preprocess(_load_images(batch, image_folder)).to(device)  # (B, C, H, W)
+        items = [mllm.prompt(image, record["question"])
+                 for image, record in zip(_load_images(batch, image_folder), batch, strict=True)]
         if noisy:
-            pixel_values = _noisy(pixel_values, [r["id"] for r in batch], noise_seed, delta)
-        result = mllm.generate(input_ids, attention_mask, pixel_values, max_new_tokens=max_new_tokens,
+            for item, record in zip(items, batch, strict=True):
+                generator = torch.Generator().manual_seed(_record_seed(noise_seed, record["id"]))
+                item["pixel_values"] = noisy_pixel_values(item["pixel_values"], config, delta=delta, stats="image",
+                                                          generator=generator)
+        prompts = data.to_device(mllm.collate(items, left=True), device)
+        input_ids, attention_mask = prompts["input_ids"], prompts["attention_mask"]  # (B, T), left-padded
+        result = mllm.generate(input_ids, attention_mask, prompts["pixel_values"], max_new_tokens=max_new_tokens,
                                output_attentions=attention)
         tokens, shares = result, None
         if attention:
             tokens, attentions = result
+            system_ids = torch.tensor(system_token_ids(mllm.tokenizer), device=device)  # (n_system,)
             for record, row, mask in zip(batch, input_ids, attention_mask, strict=True):
                 if not torch.equal(row[mask.bool()][:len(system_ids)], system_ids):
                     raise ValueError(f"--attention: the prompt of record {record['id']!r} does not start with the "
@@ -268,7 +250,7 @@ def generate_answers(mllm, records: list[dict], image_folder: Path, batch_size: 
             shares = {"all": shares.mean(1).tolist(), "mid": shares[:, mid.start:mid.stop].mean(1).tolist()}
         texts = mllm.tokenizer.batch_decode(tokens.cpu(), skip_special_tokens=True)
         for i, (record, text) in enumerate(zip(batch, texts, strict=True)):
-            item = {"id": record["id"], "prediction": text.strip(), "prompt_tokens": len(rows[i])}
+            item = {"id": record["id"], "prediction": text.strip(), "prompt_tokens": len(items[i]["input_ids"])}
             if shares is not None:
                 item["attention"] = {"all": shares["all"][i], "mid": shares["mid"][i]}
             out.append(item)
@@ -431,7 +413,7 @@ def resolve_checkpoint(path: str) -> tuple[str, dict]:
                                     f"checkpoint-* folders hold trainable tensors only, not a loadable model)")
         return str(folder), {}
     raise FileNotFoundError(f"{folder} is neither a run folder (config.json + final/) nor a model folder "
-                            "(config.json of a LLaVA or VILA checkpoint)")
+                            "(a checkpoint's config.json)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""NRCA for any transformers image-text-to-text model: the generic path beside models.py's two paper models.
+"""The generic adapter of the model interface (models.py): any transformers image-text-to-text model.
 
 Anything that `AutoModelForImageTextToText` + `AutoProcessor` load (tested on tiny models: Qwen2-VL,
-Qwen2.5-VL, LLaVA-OneVision, Idefics3 / SmolVLM, LLaVA-1.5; see the README's table) is wrapped in `HFMLLM`:
+Qwen2.5-VL, LLaVA-OneVision, Idefics3 / SmolVLM, LLaVA-1.5; see the README's table) is wrapped in `HFMLLM`,
+which exposes what models.MLLM exposes for LLaVA-1.5 / VILA1.5, so train.py, evaluate.py and every method
+run on it unchanged. `models.load_model(folder)` returns one for every folder that is neither LLaVA nor VILA.
 
 - Prompts and labels come from the processor's chat template, never from a hand-written one. For one
   (image, question, answer) the template renders the user turn with the generation prompt (`prompt`)
@@ -15,27 +17,20 @@ Qwen2.5-VL, LLaVA-OneVision, Idefics3 / SmolVLM, LLaVA-1.5; see the README's tab
   tokenisation, as data.py does for vicuna_v1). Special tokens: the tokenizer adds its own (BOS) to the
   prompt unless the rendered prompt already starts with the BOS token, the rule of transformers 5.23's
   `ProcessorMixin.apply_chat_template(tokenize=True)` (llava-hf's template writes no BOS, vicuna_v1's does).
-- Trainable set (paper Sec. 3.1): the connector + the last N decoder layers. The connector is found by
-  module name per family (`CONNECTORS`; override with `connector=("name", ...)`), the decoder layers
-  through `model.get_decoder().layers`.
-- Answer-row logits: `logits_to_keep` = a bool (B, T) mask where the model's forward takes it (every
-  family above); otherwise the documented fallback `hf_forward(via_hidden=True)` runs the base model
-  (`model.model`), keeps the answer rows of its last hidden state and applies `get_output_embeddings()`
-  (lm_head) to them. The fallback has no logit soft-capping or scaling a family may add in its own head.
-- Noisy Visual Mixup (Eq. 2) on the normalised pixels the vision tower receives, per image in every
-  layout (`noisy_image_inputs`): (B, C, H, W) per row; Qwen2-VL's packed patches per image via
-  `image_grid_thw`, one noise draw shared by the `temporal_patch_size` copies of a still image (the
-  noisy view is a still image too); LLaVA-NeXT / OneVision anyres and Idefics3 tiles per IMAGE, one
-  mu/sigma over all its real tiles (the tiles are views of one image; a tile's own statistics would give
-  a dark corner dark noise), padding tiles (and Idefics3's padded pixels) untouched, since the models
-  recognise padding by its exact zeros.
+- Trainable set (paper Sec. 3.1, models.freeze_for_finetuning): the connector + the last N decoder layers.
+  The connector is found by module name per family (`CONNECTORS`; override with train.py's `--connector`),
+  the decoder layers through `model.get_decoder().layers`, the vision tower by name (`VISION_TOWERS`).
+- Answer-row logits: methods.model_forward passes `logits_to_keep` = a bool (B, T) mask (every family
+  above takes it; a forward without it gets the documented fallback there).
+- Noisy Visual Mixup (Eq. 2) per image in every layout: noise.noisy_pixel_values.
 
-A batch for methods.py holds `pixel_values` = the dict of the processor's image tensors (pixel_values,
-image_grid_thw, image_sizes, pixel_attention_mask, ...) and of its token-aligned extras
-(`mm_token_type_ids`); `hf_forward` unpacks it into the model call. One image per sample.
+A batch holds `pixel_values` = the dict of the processor's image tensors (pixel_values, image_grid_thw,
+image_sizes, pixel_attention_mask, ...) and of its token-aligned extras (`mm_token_type_ids`), which
+data.collate merges and methods.model_forward unpacks into the model call. One image per sample, one
+question and answer per record.
 
-Not here: the Trainer subclass (hf_trainer.py), train.py's LLaVA / VILA loop (models.py), videos,
-several images per sample, modality-interference (needs `embed`).
+Not here: videos, several images per sample, multi-turn records, modality interference (needs `embed`),
+attention shares (Table 1 locates the vicuna_v1 system prompt): the README's table lists them.
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_hf_models.py
 """
@@ -43,7 +38,6 @@ several images per sample, modality-interference (needs `embed`).
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import os
 from dataclasses import dataclass, field
@@ -54,8 +48,7 @@ import transformers
 from PIL import Image
 from torch import nn
 
-from data import IGNORE_INDEX, open_image, pad_sequences
-from noise import noisy_mixup, noisy_mixup_each
+from data import IGNORE_INDEX, TOKEN_ALIGNED, DataError, collate, conversation_turns, open_image, usable_records
 
 # Connector module names per family (model_type -> names matched against parameter names). The LLaVA-NeXT
 # family's learned `image_newline` (ends every row of anyres features) belongs to the connector too.
@@ -72,7 +65,7 @@ CONNECTORS = {
     "internvl": ("multi_modal_projector",),
 }
 DEFAULT_CONNECTORS = ("multi_modal_projector", "visual.merger", "connector", "image_newline")
-TOKEN_ALIGNED = ("mm_token_type_ids", "token_type_ids")  # processor outputs of shape (B, T), padded like ids
+VISION_TOWERS = ("vision_tower", "visual", "vision_model")  # attribute of the base model (model.model)
 
 
 def without_video(processor_class):
@@ -110,12 +103,12 @@ def load_processor(path: str):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The wrapper
+# The adapter
 
 
 @dataclass
 class HFMLLM:
-    """A transformers image-text-to-text model with its processor, used like models.MLLM for training."""
+    """A transformers image-text-to-text model with its processor behind models.py's model interface."""
 
     model: nn.Module  # an AutoModelForImageTextToText class
     processor: object  # its processor: tokenizer + image processor + chat template
@@ -135,9 +128,15 @@ class HFMLLM:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    # --- the parts: Sec. 3.1's trainable set, FSDP2's units, activation checkpointing -------------------
+    @property
+    def language_model(self) -> nn.Module:
+        """The decoder stack (without lm_head)."""
+        return self.model.get_decoder()
+
     @property
     def decoder_layers(self) -> nn.ModuleList:
-        decoder = self.model.get_decoder()
+        decoder = self.language_model
         if not isinstance(getattr(decoder, "layers", None), nn.ModuleList):
             raise ValueError(f"hf_models: {type(self.model).__name__}.get_decoder() ({type(decoder).__name__}) has "
                              "no `layers` ModuleList; this family is not supported")
@@ -150,9 +149,31 @@ class HFMLLM:
                  if any(f".{name}." in f".{n}." for name in names)]
         if not found:
             raise ValueError(f"hf_models: no parameter of {type(self.model).__name__} (model_type "
-                             f"{self.model.config.model_type!r}) lies under the connector names {names}; pass "
-                             "connector=('module.name', ...) (see model.named_modules())")
+                             f"{self.model.config.model_type!r}) lies under the connector names {names}; name the "
+                             "connector's modules with train.py --connector NAME[,NAME] (see model.named_modules())")
         return found
+
+    def connector_modules(self) -> list[nn.Module]:
+        """The connector's modules (FSDP2 units); a bare parameter such as LLaVA-NeXT's image_newline is none."""
+        names = self.connector_names or CONNECTORS.get(self.model.config.model_type, DEFAULT_CONNECTORS)
+        return [module for path, module in self.model.named_modules()
+                if path and any(f".{path}".endswith(f".{name}") for name in names)]
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        inner = getattr(self.model, "model", self.model)
+        for name in VISION_TOWERS:
+            if isinstance(getattr(inner, name, None), nn.Module):
+                return getattr(inner, name)
+        raise ValueError(f"hf_models: {type(self.model).__name__} has none of the vision towers {VISION_TOWERS}")
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        """The vision tower's blocks: its longest ModuleList (encoder.layers, Qwen2-VL's blocks)."""
+        lists = [m for m in self.vision_tower.modules() if isinstance(m, nn.ModuleList)]
+        if not lists:
+            raise ValueError(f"hf_models: the vision tower {type(self.vision_tower).__name__} has no layer list")
+        return max(lists, key=len)
 
     # --- chat template and labels ---------------------------------------------------------------
     def render(self, question: str, answer: str | None = None) -> str:
@@ -170,19 +191,19 @@ class HFMLLM:
         ids = [self.tokenizer.eos_token_id, reply[-1]] if self.tokenizer.eos_token_id is not None else [reply[-1]]
         return sorted(set(ids))
 
-    def _reply_ids(self, answer: str, question: str = "?") -> list[int]:
+    def _reply_ids(self, answer: str, question: str = "?", where: str = "hf_models") -> list[int]:
         prompt, full = self.render(question), self.render(question, answer)
         if not full.startswith(prompt):
-            raise ValueError("hf_models: the chat template's assistant turn does not extend its generation "
+            raise ValueError(f"{where}: the chat template's assistant turn does not extend its generation "
                              f"prompt (prompt ends {prompt[-40:]!r}, the conversation reads "
                              f"{full[len(prompt) - 40:][:80]!r}): labels cannot be placed through this template")
         reply = full[len(prompt):].rstrip()  # trailing "\n" after the end-of-turn token: not labelled
         if answer.strip() not in reply:
-            raise ValueError(f"hf_models: the chat template dropped the answer text {answer!r} from the assistant turn")
+            raise DataError(f"{where}: the chat template dropped the answer text {answer!r} from the assistant turn")
         ids = self.tokenizer(reply, add_special_tokens=False).input_ids
         if not ids or ids[-1] not in self.tokenizer.all_special_ids:  # the turn has no closing token: add eos
             if self.tokenizer.eos_token_id is None:
-                raise ValueError("hf_models: the template closes the assistant turn with no special token and the "
+                raise ValueError(f"{where}: the template closes the assistant turn with no special token and the "
                                  "tokenizer has no eos: the model could never learn to stop")
             ids = ids + [self.tokenizer.eos_token_id]
         return ids
@@ -195,62 +216,60 @@ class HFMLLM:
                              add_special_tokens=not (bos is not None and text.startswith(bos)))
         return dict(out)
 
-    def encode(self, image: Image.Image, question: str, answer: str, max_length: int = 4096) -> dict:
-        """One training sample: input_ids (T,), labels (T,) (-100 but on the reply), images (dict of the
+    def prompt(self, image: Image.Image, question: str) -> dict:
+        """A generation prompt: input_ids (T,) and pixel_values = the processor's image tensors and
+        token-aligned extras, batch of 1 (data.collate(left=True) batches them)."""
+        out = self.encode_prompt(image, question)
+        out.pop("attention_mask", None)
+        return {"input_ids": out.pop("input_ids")[0], "pixel_values": out}
+
+    def encode(self, image: Image.Image, question: str, answer: str, max_length: int = 4096,
+               where: str = "hf_models.encode") -> dict:
+        """One training sample: input_ids (T,), labels (T,) (-100 but on the reply), pixel_values (dict of the
         processor's image tensors and token-aligned extras, each with a leading batch dim of 1). As data.py,
         truncation never cuts the prompt (image tokens): it cuts the reply's tail."""
-        prompt = self.encode_prompt(image, question)
-        prompt_ids = prompt.pop("input_ids")[0]  # (T_prompt,)
-        prompt.pop("attention_mask", None)
-        reply = self._reply_ids(answer.strip(), question)
+        prompt = self.prompt(image, question)
+        prompt_ids, images = prompt["input_ids"], prompt["pixel_values"]  # (T_prompt,)
+        reply = self._reply_ids(answer.strip(), question, where)
         room = max_length - len(prompt_ids)
         if room < 1:
-            raise ValueError(f"hf_models.encode: the prompt is {len(prompt_ids)} tokens and leaves no room for an "
-                             f"answer token within max_length={max_length}")
+            raise DataError(f"{where}: the prompt is {len(prompt_ids)} tokens and leaves no room for an answer "
+                            f"token within max_length={max_length}")
         reply = torch.tensor(reply[:room], dtype=torch.long)  # (T_reply,)
         input_ids = torch.cat([prompt_ids, reply])  # (T,)
         labels = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), reply])  # (T,)
         for key in TOKEN_ALIGNED:  # the reply is text: type 0
-            if key in prompt:
-                prompt[key] = torch.cat([prompt[key], prompt[key].new_zeros(1, len(reply))], dim=1)  # (1, T)
-        return {"input_ids": input_ids, "labels": labels, "images": prompt, "prompt_length": len(prompt_ids)}
+            if key in images:
+                images[key] = torch.cat([images[key], images[key].new_zeros(1, len(reply))], dim=1)  # (1, T)
+        return {"input_ids": input_ids, "labels": labels, "pixel_values": images, "prompt_length": len(prompt_ids)}
+
+    # --- the interface's data, generation and saving ------------------------------------------------
+    def dataset(self, records: list[dict], image_folder, max_length: int = 4096, skip_bad_records: bool = False):
+        return HFDataset(records, image_folder, self, max_length, skip_bad_records)
 
     def collate(self, items: list[dict], left: bool = False) -> dict:
-        """Samples from `encode` -> batch: input_ids, attention_mask, labels (B, T) (right-padded; left with
-        left=True, for generation) and pixel_values = the merged dict of image tensors."""
-        if not items:
-            raise ValueError("hf_models.collate: empty batch")
-        ids = [item["input_ids"] for item in items]
-        batch = {"input_ids": pad_sequences(ids, self.pad_token_id, left=left),  # (B, T)
-                 "attention_mask": pad_sequences([torch.ones_like(row) for row in ids], 0, left=left),  # (B, T)
-                 "pixel_values": merge_images([item["images"] for item in items], left=left)}
-        if "labels" in items[0]:
-            batch["labels"] = pad_sequences([item["labels"] for item in items], IGNORE_INDEX, left=left)  # (B, T)
-        return batch
-
-    # --- Eq. (2) and generation -------------------------------------------------------------------
-    def noisy_images(self, images: dict, delta: float, stats: str, generator=None) -> dict:
-        return noisy_image_inputs(images, self.model.config, delta=delta, stats=stats, generator=generator)
+        return collate(items, self.pad_token_id, left=left)
 
     @torch.no_grad()
-    def generate(self, images: list[Image.Image], questions: list[str], max_new_tokens: int = 24) -> list[str]:
-        """Greedy answers (text) for one batch; prompts left-padded."""
-        items = []
-        for image, question in zip(images, questions, strict=True):
-            prompt = self.encode_prompt(image, question)
-            items.append({"input_ids": prompt.pop("input_ids")[0],
-                          "images": {k: v for k, v in prompt.items() if k != "attention_mask"}})
-        batch = to_device(self.collate(items, left=True), self.device)
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: dict,
+                 max_new_tokens: int, output_attentions: bool = False) -> torch.Tensor:
+        """Greedy decoding of a LEFT-padded batch (transformers' generate): new tokens (B, n); a finished row
+        holds its end token, then pad_token_id."""
+        if output_attentions:
+            raise ValueError("attention shares (Table 1, evaluate.py --attention) are measured on LLaVA-1.5 / "
+                             "VILA1.5 only: they locate the vicuna_v1 system prompt, which other families' chat "
+                             "templates do not have")
         was_training = self.model.training
         self.model.eval()
+        half = self.model.get_input_embeddings().weight.dtype  # fp32 trainable parts beside bf16 frozen ones
         try:
-            out = self.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                      **batch["pixel_values"], max_new_tokens=max_new_tokens, do_sample=False,
-                                      eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id)
+            with torch.autocast(input_ids.device.type, dtype=half, enabled=half in (torch.bfloat16, torch.float16)):
+                out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **pixel_values,
+                                          max_new_tokens=max_new_tokens, do_sample=False,
+                                          eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id)
         finally:
             self.model.train(was_training)
-        new = out[:, batch["input_ids"].shape[1]:]  # (B, n)
-        return [text.strip() for text in self.tokenizer.batch_decode(new.cpu(), skip_special_tokens=True)]
+        return out[:, input_ids.shape[1]:]  # (B, n)
 
     def save(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)
@@ -258,191 +277,35 @@ class HFMLLM:
         self.processor.save_pretrained(path)
 
 
-def load(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         connector: tuple = ()) -> HFMLLM:
-    """A folder (or hub id) that AutoModelForImageTextToText and AutoProcessor load -> HFMLLM (eval mode)."""
-    model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-    return HFMLLM(model.to(device).eval(), load_processor(path), tuple(connector))
-
-
-def freeze(mllm: HFMLLM, tune_last_layers: int = 2, tune_connector: bool = True) -> list[dict]:
-    """Paper Sec. 3.1 on any family: everything frozen but the connector and the last N decoder layers.
-    Returns optimizer groups [{"name": "connector", ...}, {"name": "llm", ...}] as models.freeze_for_finetuning."""
-    layers = mllm.decoder_layers
-    if not 0 <= tune_last_layers <= len(layers):
-        raise ValueError(f"tune_last_layers={tune_last_layers}: the model has {len(layers)} decoder layers")
-    mllm.model.requires_grad_(False)
-    connector = [p for _, p in mllm.connector_parameters()] if tune_connector else []
-    llm = [p for layer in layers[len(layers) - tune_last_layers:] for p in layer.parameters()]
-    groups = [{"name": "connector", "params": connector}, {"name": "llm", "params": llm}]
-    for group in groups:
-        for parameter in group["params"]:
-            parameter.requires_grad_(True)
-    return [group for group in groups if group["params"]]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Batching and the forward methods.py calls
-
-
-def merge_images(parts: list[dict], left: bool = False) -> dict:
-    """Per-sample image dicts (leading dim 1) -> one batch dict. Packed patches (Qwen2-VL) are concatenated
-    along the patch axis; tiled layouts (1, n_tiles, C, H, W) and Idefics3's pixel_attention_mask are
-    zero-padded to the largest n_tiles, H and W (what the processors do in a batched call: the models drop
-    all-zero tiles and mask zero pixels); token-aligned extras are padded like input_ids."""
-    keys = set(parts[0])
-    for part in parts:
-        if set(part) != keys:
-            raise ValueError(f"hf_models.merge_images: samples carry different image keys {sorted(keys)} vs "
-                             f"{sorted(part)}")
-    merged = {}
-    for key in sorted(keys):
-        tensors = [part[key] for part in parts]
-        tiled = "image_grid_thw" not in keys and (key == "pixel_attention_mask" or tensors[0].dim() == 5)
-        if key in TOKEN_ALIGNED:
-            merged[key] = pad_sequences([t[0] for t in tensors], 0, left=left)  # (B, T)
-        elif tiled:
-            shape = [max(sizes) for sizes in zip(*(t.shape[1:] for t in tensors), strict=True)]
-            padded = []
-            for t in tensors:
-                out = t.new_zeros(1, *shape)  # (1, n, [C,] H, W)
-                out[(slice(None), *(slice(0, n) for n in t.shape[1:]))] = t
-                padded.append(out)
-            merged[key] = torch.cat(padded)
-        else:
-            merged[key] = torch.cat(tensors)  # packed patches, (B, C, H, W), image_grid_thw, image_sizes, ...
-    return merged
-
-
-def to_device(batch: dict, device) -> dict:
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, dict):
-            out[key] = to_device(value, device)
-        else:
-            out[key] = value.to(device) if torch.is_tensor(value) else value
-    return out
-
-
-def takes_logits_to_keep(model: nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
-def hf_forward(model: nn.Module, via_hidden: bool | None = None):
-    """methods.py's `forward(attention_mask, logits_mask, input_ids, pixel_values)` -> answer-row logits
-    (N, V) for a transformers model (maybe wrapped by DDP). via_hidden=None: logits_to_keep when the
-    forward takes it, else the fallback (base model's last hidden state, answer rows, lm_head)."""
-    inner = getattr(model, "module", model)
-    if via_hidden is None:
-        via_hidden = not takes_logits_to_keep(inner)
-
-    def forward(attention_mask, logits_mask, input_ids=None, pixel_values=None, inputs_embeds=None):
-        if inputs_embeds is not None:
-            raise ValueError("hf_models: the generic path takes input_ids and images, not inputs_embeds")
-        images = pixel_values if isinstance(pixel_values, dict) else {"pixel_values": pixel_values}
-        if not via_hidden:
-            return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_mask,
-                         use_cache=False, **images).logits  # (N, V)
-        hidden = inner.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                             **images).last_hidden_state
-        return inner.get_output_embeddings()(hidden[logits_mask])  # (N, H) -> (N, V)
-
-    return forward
-
-
-# ----------------------------------------------------------------------------------------------------
-# Noisy Visual Mixup (Eq. 2) per image, whatever the layout
-
-
-def noisy_image_inputs(images: dict, config, delta: float = 0.5, stats: str = "image", generator=None) -> dict:
-    """Eq. (2a)-(2b) on the normalised pixels of a batch's image dict, per image (see the module docstring);
-    every other key (grids, sizes, masks) is passed through unchanged."""
-    pixels = images["pixel_values"]
-    out = dict(images)
-    if "image_grid_thw" in images:  # Qwen2-VL / Qwen2.5-VL: (sum_i t*h*w, C * T * p * p) packed patches
-        vision = config.vision_config
-        frames = vision.temporal_patch_size
-        patches = pixels.reshape(pixels.shape[0], vision.in_channels, frames, -1)  # (P, C, T, p*p)
-        if not torch.equal(patches, patches[:, :, :1].expand_as(patches)):
-            raise ValueError("hf_models.noisy_image_inputs: the temporal copies of a packed patch differ (a video?); "
-                             "Noisy Visual Mixup here is for still images")
-        counts = images["image_grid_thw"].prod(-1).tolist()  # patches per image
-        first = patches[:, :, 0]  # (P, C, p*p): one frame
-        mixed = noisy_mixup_each(list(first.split(counts)), delta=delta, stats=stats, generator=generator)
-        noisy = torch.cat(mixed)[:, :, None].expand_as(patches)  # (P, C, T, p*p): one draw for every copy
-        out["pixel_values"] = noisy.reshape(pixels.shape).contiguous()
-        return out
-    if pixels.dim() == 4:  # (B, C, H, W): one image per row, as noise.noisy_mixup
-        out["pixel_values"] = noisy_mixup(pixels, delta=delta, stats=stats, generator=generator)
-        return out
-    if pixels.dim() != 5:
-        raise ValueError(f"hf_models.noisy_image_inputs: pixel_values {tuple(pixels.shape)} with keys "
-                         f"{sorted(images)}: expected (B, C, H, W), tiles (B, n, C, H, W) or packed patches "
-                         "with image_grid_thw")
-    if "image_sizes" in images:  # LLaVA-NeXT / OneVision anyres: the first n_b tiles of row b are real
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-        counts = [image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
-                  for size in images["image_sizes"].tolist()]
-        valid = torch.zeros(pixels.shape[:2], dtype=torch.bool, device=pixels.device)  # (B, n)
-        for row, count in enumerate(counts):
-            valid[row, :count] = True
-        valid = valid[:, :, None, None, None].expand_as(pixels)  # (B, n, C, H, W)
-    else:  # Idefics3 / SmolVLM: all-zero tiles are padding (the model's own rule), pixel_attention_mask marks pixels
-        real = (pixels != 0).flatten(2).any(-1)  # (B, n)
-        valid = real[:, :, None, None, None].expand_as(pixels)
-        if "pixel_attention_mask" in images:
-            valid = valid & images["pixel_attention_mask"].bool()[:, :, None].expand_as(pixels)
-    groups = [pixels[row][valid[row]] for row in range(pixels.shape[0])]  # each image's own values, (n_b,)
-    noisy = pixels.clone()
-    for row, mixed in enumerate(noisy_mixup_each(groups, delta=delta, stats=stats, generator=generator)):
-        noisy[row][valid[row]] = mixed
-    out["pixel_values"] = noisy
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# Data and evaluation on the project's record format (data.py / evaluate.py)
-
-
 class HFDataset(torch.utils.data.Dataset):
-    """data.py records (question, answer, image) -> `HFMLLM.encode` samples, tokenised lazily."""
+    """data.py records -> `HFMLLM.encode` samples (plus id, task, source), tokenised lazily. The cheap checks
+    run for every record first (data.usable_records: structure, one exchange, the template places the answer,
+    the image's header); `skip_bad_records` as data.MultiTaskDataset."""
 
-    def __init__(self, records: list[dict], image_folder, mllm: HFMLLM, max_length: int = 4096):
-        self.records, self.image_folder, self.mllm, self.max_length = records, Path(image_folder), mllm, max_length
+    def __init__(self, records: list[dict], image_folder, mllm: HFMLLM, max_length: int = 4096,
+                 skip_bad_records: bool = False):
+        self.image_folder, self.mllm, self.max_length = Path(image_folder), mllm, max_length
+
+        def single_exchange(record, where):
+            turns = conversation_turns(record, where)
+            if len(turns) != 1:
+                raise DataError(f"{where}: {len(turns)} exchanges; the chat-template path trains one question and "
+                                "its answer per record (multi-turn records: LLaVA-1.5 / VILA1.5)")
+            mllm._reply_ids(turns[0][1], turns[0][0], where)  # the template places the answer
+            return turns[0]
+
+        self.records, turns, self.skipped = usable_records(records, self.image_folder, single_exchange,
+                                                           skip_bad_records)
+        self.records = [{**record, "question": question, "answer": answer}
+                        for record, (question, answer) in zip(self.records, turns, strict=True)]
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
-        where = f"record {index} (id {record.get('id')!r})"
+        where = f"record {index} (id {record.get('id')!r}, source {record.get('source')!r})"
         image = open_image(self.image_folder / record["image"], where)
-        return self.mllm.encode(image, record["question"], record["answer"], self.max_length)
-
-
-def evaluate(mllm: HFMLLM, splits: dict, image_folder, max_new_tokens: int = 24, batch_size: int = 8) -> dict:
-    """Greedy answers and the paper's scores: {"caption": records} -> CIDEr (x100), {"choice": records}
-    -> top-1 accuracy (%), records as evaluate.py's test splits. Returns the scores and the predictions."""
-    from evaluate import validate_test_records
-    from metrics import caption_metrics, choice_metrics
-
-    result = {}
-    for task, records in splits.items():
-        records = validate_test_records(records, task, f"splits[{task!r}]")
-        predictions = {}
-        for start in range(0, len(records), batch_size):
-            chunk = records[start:start + batch_size]
-            images = [open_image(Path(image_folder) / r["image"], f"test record {r['id']!r}") for r in chunk]
-            answers = mllm.generate(images, [r["question"] for r in chunk], max_new_tokens)
-            predictions.update({r["id"]: answer for r, answer in zip(chunk, answers, strict=True)})
-        result[f"{task}_predictions"] = predictions
-        if task == "caption":
-            scores = caption_metrics(predictions, {r["id"]: r["references"] for r in records}, bleu=False,
-                                     rouge=False, allow_empty=True)
-            result["cider"] = 100 * scores["cider"]
-        else:
-            scores = choice_metrics(predictions, {r["id"]: r["answer"] for r in records},
-                                    {r["id"]: r["options"] for r in records})
-            result["accuracy"] = scores["accuracy"]
-    return result
+        sample = self.mllm.encode(image, record["question"], record["answer"], self.max_length, where)
+        return {"id": str(record["id"]), "task": record.get("task", ""), "source": record.get("source", ""),
+                **sample}

@@ -1,6 +1,7 @@
 """Tiny random-weight image-text-to-text models of current families (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision,
-Idefics3 / SmolVLM) plus LLaVA-1.5 behind the generic path, for hf_models.py's tests and hf_trainer.py's quick
-start (`--model tiny-qwen2-vl | tiny-qwen2-5-vl | tiny-llava-onevision | tiny-idefics3`). Built from
+Idefics3 / SmolVLM) plus LLaVA-1.5 behind the generic path, for the tests of the generic path and a quick start
+of train.py on them: `python hf_tiny.py tiny-qwen2-vl runs/tiny-qwen2-vl` writes the model and its processor as a
+transformers folder, which `python train.py --model runs/tiny-qwen2-vl` loads like any checkpoint. Built from
 transformers configs and the project's tiny byte-level BPE tokenizer (models.build_tiny_tokenizer) with each
 family's special tokens; nothing is downloaded. Processors use the families' PIL image processors
 (`*ImageProcessorPil`) and hf_models.without_video, so torchvision is never needed.
@@ -14,9 +15,11 @@ image goes, the assistant prefix); they are short transcriptions for the tests, 
 - LLaVA-1.5: vicuna_v1 exactly as data.py builds it (system prompt, "USER: <image>\\n{q} ASSISTANT: {a}</s>").
 Sizes: hidden 64, 3 decoder layers, 2-layer vision towers, about 0.2M parameters; 16-32 px images.
 
-    python -c "import hf_tiny; print(hf_tiny.build('tiny-qwen2-vl').model)"
+    python hf_tiny.py tiny-idefics3 runs/tiny-idefics3     # NAME (tiny-qwen2-vl | tiny-qwen2-5-vl |
+                                                             # tiny-llava-onevision | tiny-idefics3) OUT_FOLDER
 """
 
+import argparse
 import math
 
 import torch
@@ -155,3 +158,21 @@ def generic_llava(mllm: models.MLLM) -> hf_models.HFMLLM:
                                vision_feature_select_strategy=config.vision_feature_select_strategy,
                                chat_template=VICUNA_TEMPLATE)
     return hf_models.HFMLLM(mllm.model, processor)
+
+
+def write(name: str, folder: str, seed: int = 0) -> str:
+    """The tiny model `name` (seeded) as a transformers folder: config, weights, processor, chat template."""
+    build(name, seed).save(folder)
+    return folder
+
+
+if __name__ == "__main__":
+    import cli
+
+    parser = argparse.ArgumentParser(description="Write a tiny random-weight model of a current family as a "
+                                                 "transformers folder (train.py --model FOLDER).")
+    parser.add_argument("name", choices=sorted(NAMES), help="family")
+    parser.add_argument("out", help="folder to write")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    args = parser.parse_args()
+    cli.run(lambda: print(f"wrote {write(args.name, args.out, args.seed)}"))

@@ -104,7 +104,7 @@ def meta_model(name_or_path: str) -> models.MLLM:
         model = models.VilaForConditionalGeneration(llm, vision, projector, image_token_id=-1)
         return models.MLLM(model, None, None, "vila", models._vila_num_image_tokens(vision.config), -1)
     raise ValueError(f"memory plan: {config_path} is neither a LLaVA config (model_type 'llava') nor a VILA1.5 "
-                     "config (llm_cfg, or an llm/ subfolder)")
+                     "config (llm_cfg, or an llm/ subfolder); --plan models those two architectures only")
 
 
 def _sub_config(folder: str, config: dict, sub: str, key: str) -> dict:

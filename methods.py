@@ -23,22 +23,40 @@ tokens, then the mean over samples (Eq. 5a), so `lam = 0` or `delta = 0` reduces
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import torch
 import torch.nn.functional as F
 
 from confidence_kernel import token_confidence
-from noise import noisy_mixup
+from noise import noisy_mixup, noisy_pixel_values
 from nrca import IGNORE_INDEX, answer_mean, answer_positions, nrca_objective, to_grid
 
 
-def model_forward(model):
-    """The `forward` callable methods receive: answer-row logits (N, V) from `model` (maybe wrapped). A
-    training forward: no KV cache is built (use_cache=False)."""
+def model_forward(model, via_hidden: bool | None = None):
+    """The `forward` callable methods receive: answer-row logits (N, V) from `model` (maybe wrapped by DDP),
+    for both model kinds (models.py): pixel_values a (B, C, H, W) tensor, or the dict of a transformers
+    processor's image tensors (unpacked into the call). A training forward: no KV cache (use_cache=False).
+    The rows are chosen by `logits_to_keep` = the bool (B, T) mask, so the full (B, T, V) logits are never
+    built. A model whose forward takes no `logits_to_keep` (none of the tested families) gets the fallback
+    (via_hidden; None: decided by the signature): the base model's (`model.model`) last hidden state at the
+    answer rows through `get_output_embeddings()`; it has no logit soft-capping or scaling a family may add in
+    its own head, and it bypasses DDP's forward, so it runs on one rank only."""
+    inner = getattr(model, "module", model)
+    if via_hidden is None:
+        via_hidden = "logits_to_keep" not in inspect.signature(inner.forward).parameters
 
     def forward(attention_mask, logits_mask, input_ids=None, pixel_values=None, inputs_embeds=None):
-        return model(input_ids=input_ids, pixel_values=pixel_values, inputs_embeds=inputs_embeds,
-                     attention_mask=attention_mask, logits_to_keep=logits_mask, use_cache=False).logits
+        images = pixel_values if isinstance(pixel_values, dict) else {"pixel_values": pixel_values}
+        if not via_hidden:
+            return model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                         logits_to_keep=logits_mask, use_cache=False, **images).logits  # (N, V)
+        if model is not inner:
+            raise ValueError(f"{type(inner).__name__}.forward takes no logits_to_keep, and its fallback would bypass "
+                             "DDP's gradient sync: run it on one rank")
+        hidden = inner.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                             use_cache=False, **images).last_hidden_state  # (B, T, H)
+        return inner.get_output_embeddings()(hidden[logits_mask])  # (N, H) -> (N, V)
 
     return forward
 
@@ -110,14 +128,12 @@ class NRCA(Method):
     diagnose = None
 
     def noisy_pixels(self, batch):
-        # Eq. (2a)-(2b); a per-step generator keeps the noise reproducible across resume and ranks.
+        # Eq. (2a)-(2b) per image, in the model's pixel layout; a per-step generator keeps the noise reproducible
+        # across resume and ranks.
         generator = torch.Generator(device=batch["attention_mask"].device)
         generator.manual_seed(int(batch["noise_seed"]))
-        if isinstance(batch["pixel_values"], dict):  # hf_models.py: packed patches / tiles, Eq. (2) per image
-            return self.mllm.noisy_images(batch["pixel_values"], delta=self.cfg.delta, stats=self.cfg.noise_stats,
-                                          generator=generator)
-        return noisy_mixup(batch["pixel_values"], delta=self.cfg.delta, stats=self.cfg.noise_stats,
-                           generator=generator)
+        return noisy_pixel_values(batch["pixel_values"], getattr(self.mllm.model, "config", None),
+                                  delta=self.cfg.delta, stats=self.cfg.noise_stats, generator=generator)
 
     def loss(self, forward, batch):
         if self.cfg.lam == 0 or self.cfg.delta == 0:
@@ -167,6 +183,8 @@ class NoisyAugmentedPretraining(Method):
 
     def loss(self, forward, batch):
         pixels = batch["pixel_values"]  # (B, C, H, W)
+        if not torch.is_tensor(pixels):
+            raise ValueError("method 'pretrain' (the testbed's base stage) is for the tiny LLaVA / VILA models")
         generator = torch.Generator(device=pixels.device)
         generator.manual_seed(int(batch["noise_seed"]))
         pure_noise = noisy_mixup(pixels, delta=1.0, stats="image", generator=generator)  # N(mu, sigma^2) per image
@@ -180,7 +198,7 @@ class NoisyAugmentedPretraining(Method):
 
 
 def cat_images(clean, noisy):
-    """[clean; noisy] images along the batch: a (B, C, H, W) tensor, or hf_models.py's dict of image tensors."""
+    """[clean; noisy] images along the batch: a (B, C, H, W) tensor, or the generic path's dict of image tensors."""
     if isinstance(clean, dict):
         return {key: torch.cat([clean[key], noisy[key]]) for key in clean}
     return torch.cat([clean, noisy])

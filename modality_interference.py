@@ -286,6 +286,10 @@ class ModalityInterferenceConsistency(Method):
             raise ValueError(f"mi_eps={self.eps}, mi_pgd_steps={self.pgd_steps}: both must be >= 0")
         if not (self.heuristic or self.pgd):
             raise ValueError("mi_heuristic and mi_pgd are both off: there is no perturbed view to be consistent with")
+        if not hasattr(mllm, "embed"):
+            raise ValueError(f"mi-consistency: the model is a {type(mllm.model).__name__}; modality interference "
+                             "perturbs the input embeddings (models.MLLM.embed) and the images of LLaVA-1.5 / VILA1.5, "
+                             "which the chat-template path (hf_models.py) does not expose")
         self.seed = int(getattr(cfg, "seed", 0))
         # PGD runs on the unwrapped model: autograd.grad w.r.t. delta never reaches a DDP reducer hook.
         self.pgd_forward = model_forward(mllm.model)

@@ -1,8 +1,24 @@
-"""The two multimodal LLMs of the paper (Sec. 4.1) behind one interface, `MLLM`, and the freezing
-recipe of Sec. 3.1 (vision encoder frozen; connector + last N decoder layers trained).
+"""The model interface train.py, evaluate.py and every method use, its adapter for the paper's two MLLMs
+(Sec. 4.1), `MLLM`, and the freezing recipe of Sec. 3.1 (vision encoder frozen; connector + last N decoder
+layers trained). `load_model` returns the adapter a checkpoint needs.
+
+The interface (MLLM here, hf_models.HFMLLM for every other transformers image-text-to-text model):
+    model                      the nn.Module; model(input_ids | inputs_embeds, attention_mask, <pixel_values>,
+                               logits_to_keep=bool (B, T)).logits is (num_true, V): only the answer rows go
+                               through lm_head (methods.model_forward)
+    tokenizer, pad_token_id, device, kind ("llava" | "vila" | "hf")
+    language_model, decoder_layers, connector_parameters(), connector_modules(), vision_tower, vision_layers
+                               the parts Sec. 3.1 trains, FSDP2 shards and activation checkpointing recomputes
+    dataset(records, image_folder, max_length, skip_bad_records)   training samples of data.py's records
+    collate(items, left=False) the batch (data.collate); pixel_values a (B, C, H, W) tensor or a dict
+    prompt(image, question)    a generation prompt exactly as training conditions on it
+    generate(input_ids, attention_mask, pixel_values, max_new_tokens)   greedy new tokens (B, n), left padding
+    save(path)                 the checkpoint in the format it came in
+Only MLLM has embed / image_token_id / num_image_tokens / preprocess: modality interference and the
+attention shares of Table 1 need them (README, "Models and methods").
 
 - LLaVA-1.5 in transformers' format (`LlavaForConditionalGeneration`, e.g. llava-hf/llava-1.5-7b-hf):
-  CLIP ViT-L/14-336 + 2-layer MLP connector + Vicuna, 576 image tokens.
+  CLIP ViT-L/14-336 + 2-layer MLP connector + Vicuna, 576 image tokens, data.py's vicuna_v1 tokenisation.
 - VILA1.5 in its own three-folder format (`llm/`, `vision_tower/`, `mm_projector/` + `config.json`):
   transformers has no class for it, so `VilaForConditionalGeneration` assembles a `LlamaForCausalLM`,
   a `SiglipVisionModel` and our `DownSampleProjector` (VILA's "mlp_downsample"), and `save` writes the
@@ -13,15 +29,11 @@ recipe of Sec. 3.1 (vision encoder frozen; connector + last N decoder layers tra
   random-weight models of the same two architectures (seeded, so two
   loads are identical) with a byte-level BPE tokenizer trained here in milliseconds; they train on a
   laptop CPU in minutes and are the embedded default of the repository.
+Greedy generation (`MLLM.generate`) runs a KV-cached loop over the training forward.
 
-Every model exposes the one training path the rest of the code uses:
-`mllm.model(input_ids, attention_mask, pixel_values, logits_to_keep=bool (B, T))` returns `.logits`
-of shape (num_true, V): only the answer positions go through `lm_head`, the full (B, T, V) logits are
-never built. Greedy generation (`MLLM.generate`) runs a KV-cached loop over the same forward.
-
-Not here: the chat template and tokenisation of conversations (data.py), losses (nrca.py), training
-(train.py). Original-format LLaVA checkpoints (liuhaotian/llava-v1.5-7b) must first be converted with
-transformers' `convert_llava_weights_to_hf.py`.
+Not here: the chat template and tokenisation of conversations (data.py), the generic adapter
+(hf_models.py), losses (nrca.py, methods.py), training (train.py). Original-format LLaVA checkpoints
+(liuhaotian/llava-v1.5-7b) must first be converted with transformers' `convert_llava_weights_to_hf.py`.
 
 Quick check:  python models.py tiny-vila   (prints sizes and a forward/generate smoke test)
 """
@@ -55,7 +67,17 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 
-from data import CAPTION_PROMPTS, CHOICE_SUFFIX, IMAGE_PLACEHOLDER, SYSTEM_PROMPT, pad_to_square
+from data import (
+    CAPTION_PROMPTS,
+    CHOICE_SUFFIX,
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    SYSTEM_PROMPT,
+    MultiTaskDataset,
+    collate,
+    pad_to_square,
+    tokenize_conversation,
+)
 
 try:  # data.py grows a corpus covering the synthetic data set's vocabulary; older data.py has none.
     from data import tokenizer_corpus
@@ -260,9 +282,22 @@ class MLLM:
     def connector(self) -> nn.Module:
         return self.model.model.multi_modal_projector if self.kind == "llava" else self.model.mm_projector
 
+    def connector_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name in `model`, parameter) of the connector."""
+        mine = {id(p) for p in self.connector.parameters()}
+        return [(n, p) for n, p in self.model.named_parameters() if id(p) in mine]
+
+    def connector_modules(self) -> list[nn.Module]:
+        return [self.connector]
+
     @property
     def vision_tower(self) -> nn.Module:
         return self.model.model.vision_tower if self.kind == "llava" else self.model.vision_tower
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        tower = self.vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers
 
     @property
     def device(self) -> torch.device:
@@ -278,6 +313,25 @@ class MLLM:
             images = [pad_to_square(image, mean_rgb) for image in images]
         pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]  # (B, 3, S, S)
         return pixel_values.float()
+
+    def dataset(self, records: list[dict], image_folder, max_length: int = 2048, skip_bad_records: bool = False):
+        """Training samples of data.py's records: the vicuna_v1 conversation tokenised as LLaVA / VILA did."""
+        return MultiTaskDataset(records, image_folder, self.tokenizer, self.preprocess, self.num_image_tokens,
+                                self.image_token_id, max_length, skip_bad_records=skip_bad_records)
+
+    def collate(self, items: list[dict], left: bool = False) -> dict:
+        return collate(items, self.pad_token_id, left=left)
+
+    def prompt(self, image: Image.Image, question: str) -> dict:
+        """A generation prompt exactly as training conditions on it: input_ids (T,) = data.py's
+        tokenize_conversation of the question with a placeholder answer, cut before the first label token (so
+        it ends at "ASSISTANT:"), and pixel_values (1, C, H, W)."""
+        input_ids, labels = tokenize_conversation(question, "A", self.tokenizer, self.num_image_tokens,
+                                                  self.image_token_id, max_length=1_000_000)
+        answer = (labels != IGNORE_INDEX).nonzero()
+        if len(answer) == 0:
+            raise ValueError(f"data.tokenize_conversation left no answer label for question {question[:80]!r}")
+        return {"input_ids": input_ids[:int(answer[0])], "pixel_values": self.preprocess([image])}
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """inputs_embeds (B, T, H): token embeddings with the connector's image features written at the
@@ -361,18 +415,18 @@ class MLLM:
 # Freezing (paper Sec. 3.1)
 
 
-def freeze_for_finetuning(mllm: MLLM, tune_last_layers: int = 2, tune_connector: bool = True,
+def freeze_for_finetuning(mllm, tune_last_layers: int = 2, tune_connector: bool = True,
                           tune_vision_tower: bool = False) -> list[dict]:
     """Freeze everything (vision tower, embeddings, lm_head, earlier decoder layers), then unfreeze the
-    connector and the last `tune_last_layers` decoder layers. Returns the optimizer groups
-    [{"name": "connector", "params": [...]}, {"name": "llm", "params": [...]}]; a group with no
-    parameters (tune_connector=False or tune_last_layers=0) is left out. `tune_vision_tower` adds a
+    connector and the last `tune_last_layers` decoder layers, for either kind of model (MLLM, HFMLLM). Returns
+    the optimizer groups [{"name": "connector", "params": [...]}, {"name": "llm", "params": [...]}]; a group
+    with no parameters (tune_connector=False or tune_last_layers=0) is left out. `tune_vision_tower` adds a
     "vision" group: the testbed's base-model pre-training trains the tower; fine-tuning never does."""
     layers = mllm.decoder_layers
     if not 0 <= tune_last_layers <= len(layers):
         raise ValueError(f"tune_last_layers={tune_last_layers}: the model has {len(layers)} decoder layers")
     mllm.model.requires_grad_(False)
-    connector = list(mllm.connector.parameters()) if tune_connector else []
+    connector = [p for _, p in mllm.connector_parameters()] if tune_connector else []
     llm = [p for layer in layers[len(layers) - tune_last_layers:] for p in layer.parameters()]
     vision = list(mllm.vision_tower.parameters()) if tune_vision_tower else []
     groups = [{"name": "connector", "params": connector}, {"name": "llm", "params": llm},
@@ -388,9 +442,9 @@ def freeze_for_finetuning(mllm: MLLM, tune_last_layers: int = 2, tune_connector:
 
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               attn_implementation: str | None = None, downsample_order: str | None = None) -> MLLM:
-    """"tiny-llava" | "tiny-vila" | "small-llava" | a transformers LLaVA folder | a VILA1.5 folder -> MLLM
-    (eval mode).
+               attn_implementation: str | None = None, downsample_order: str | None = None):
+    """"tiny-llava" | "tiny-vila" | "small-llava" | a transformers LLaVA folder | a VILA1.5 folder -> MLLM;
+    any other transformers image-text-to-text folder -> hf_models.HFMLLM (the chat-template adapter). Eval mode.
 
     downsample_order (VILA only): None reads it from mm_projector/config.json (PROJECTOR_TYPE_ORDER:
     "mlp_downsample" -> "vila1.5", "mlp_downsample_2x2_fix" -> "nvila"); "vila1.5" | "nvila" overrides it,
@@ -421,16 +475,31 @@ def _load_folder(path: str, dtype, attn_implementation, downsample_order=None) -
     config = _read_json(config_path) if os.path.isfile(config_path) else {}
     if os.path.isdir(os.path.join(path, "llm")) or "llm_cfg" in config:
         return _load_vila(path, config, dtype, attn_implementation, downsample_order)
+    if downsample_order is not None:
+        raise ValueError(f"load_model: downsample_order={downsample_order!r} is for VILA1.5 folders; {path} is not one")
     if config.get("model_type") == "llava":
         return _load_llava(path, dtype, attn_implementation)
-    found = f"config.json has model_type {config.get('model_type')!r}" if config else "no config.json"
-    raise ValueError(
-        f"load_model: {path!r} is not a supported checkpoint ({found}). Expected a transformers LLaVA folder "
-        "(config.json with model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf; convert original LLaVA with "
-        "transformers' convert_llava_weights_to_hf.py) or a VILA1.5 folder (config.json + llm/ + "
-        "vision_tower/ + mm_projector/). Other image-text-to-text models (Qwen2-VL, LLaVA-OneVision, Idefics3, ...) "
-        "run through the generic path: hf_models.load / python hf_trainer.py --model PATH"
-    )
+    return _load_generic(path, config, dtype, attn_implementation)
+
+
+def _load_generic(path: str, config: dict, dtype, attn_implementation):
+    """Any other image-text-to-text folder: the chat-template adapter (hf_models.HFMLLM)."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    import hf_models
+
+    model_type = config.get("model_type")
+    if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        found = f"config.json has model_type {model_type!r}" if config else "no config.json"
+        raise ValueError(
+            f"load_model: {path!r} is not a supported checkpoint ({found}). Expected a transformers "
+            "image-text-to-text folder (config.json with a model_type AutoModelForImageTextToText knows: llava, "
+            "qwen2_vl, llava_onevision, idefics3, ...) or a VILA1.5 folder (config.json + llm/ + vision_tower/ + "
+            "mm_projector/). Original-format LLaVA (liuhaotian/llava-v1.5-7b) must first be converted with "
+            "transformers' convert_llava_weights_to_hf.py")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    return hf_models.HFMLLM(model, hf_models.load_processor(path))
 
 
 def _read_json(path: str) -> dict:

@@ -17,6 +17,10 @@ to the population std is negligible. Statistics and the noise are computed in fl
 input dtype; the result is cast back to the input's dtype. The noise is drawn with `generator` on the
 input's device, so a seeded generator reproduces the noisy view exactly.
 
+`noisy_pixel_values` applies Eq. (2) per image to whatever a model's vision side receives: the (B, C, H, W)
+tensor of LLaVA / VILA, or a transformers processor's packed patches (Qwen2-VL) and tiles (LLaVA-OneVision,
+Idefics3), where one image's values are spread over rows or tiles (`noisy_mixup_each` groups them).
+
 Not done here: the second forward pass and the loss (nrca.py), choosing delta (train.py, `--delta`).
 
     python -c "import torch, noise; print(noise.noisy_mixup(torch.randn(2, 3, 8, 8)).shape)"
@@ -107,7 +111,7 @@ def noisy_mixup_each(
     """Eq. (2a)-(2b) for images whose values do not form a (B, C, H, W) tensor: the packed patches of
     Qwen2-VL (`image_grid_thw`) or the tiles of LLaVA-NeXT / OneVision and Idefics3. The caller gathers
     each image's own normalised values into one tensor (any shape; for tiled layouts every real tile
-    of the image, padding left out) and scatters the results back (hf_models.noisy_image_inputs).
+    of the image, padding left out) and scatters the results back (noisy_pixel_values, below).
 
     stats="image": mu and sigma over all values of that tensor (one image = one group, so a tiled
     image gets ONE pair over all its tiles, not one per tile); stats="batch": one pair over all values
@@ -125,3 +129,63 @@ def noisy_mixup_each(
     # Eq. (2a), paper: each image's own statistics, viewed as one (1, 1, 1, n) "image" for noisy_mixup.
     return [noisy_mixup(image.reshape(1, 1, 1, -1), delta=delta, stats=stats, generator=generator).reshape(shape)
             for image, shape in zip(images, shapes, strict=True)]
+
+
+def noisy_pixel_values(pixel_values, config=None, delta: float = 0.5, stats: str = "image", generator=None):
+    """Eq. (2a)-(2b) per image on what a model's vision side receives, whatever its layout: a (B, C, H, W)
+    tensor (LLaVA-1.5, VILA1.5: `noisy_mixup`, one row per image), or the dict of a transformers processor's
+    image tensors (models.GenericMLLM) holding the normalised pixels under "pixel_values":
+    - Qwen2-VL / Qwen2.5-VL packed patches (`image_grid_thw`): image i owns prod(image_grid_thw[i]) rows; a
+      still image is `temporal_patch_size` equal copies, and its noisy view gets one draw shared by the copies
+      (it stays a still image); copies that differ (a video) are refused;
+    - LLaVA-NeXT / OneVision anyres tiles (`image_sizes`): the first n_b tiles of row b are real, n_b from the
+      image size and `config.image_grid_pinpoints`; Idefics3 / SmolVLM tiles: all-zero tiles are padding and
+      `pixel_attention_mask` marks the real pixels. One mu / sigma per IMAGE over all its real tiles (views of
+      one picture: a tile's own statistics would give a dark corner dark noise); padding stays exactly zero,
+      since the models recognise it by its zeros.
+    Every other key of the dict (grids, sizes, masks) is passed through. `config`: the model's config (packed
+    patches and anyres need it)."""
+    if torch.is_tensor(pixel_values):
+        return noisy_mixup(pixel_values, delta=delta, stats=stats, generator=generator)
+    images = pixel_values
+    pixels = images["pixel_values"]
+    out = dict(images)
+    if "image_grid_thw" in images:  # (sum_i t*h*w, C * T * p * p) packed patches
+        vision = config.vision_config
+        frames = vision.temporal_patch_size
+        patches = pixels.reshape(pixels.shape[0], vision.in_channels, frames, -1)  # (P, C, T, p*p)
+        if not torch.equal(patches, patches[:, :, :1].expand_as(patches)):
+            raise ValueError("noise.noisy_pixel_values: the temporal copies of a packed patch differ (a video?); "
+                             "Noisy Visual Mixup here is for still images")
+        counts = images["image_grid_thw"].prod(-1).tolist()  # patches per image
+        first = patches[:, :, 0]  # (P, C, p*p): one frame
+        mixed = noisy_mixup_each(list(first.split(counts)), delta=delta, stats=stats, generator=generator)
+        noisy = torch.cat(mixed)[:, :, None].expand_as(patches)  # (P, C, T, p*p): one draw for every copy
+        out["pixel_values"] = noisy.reshape(pixels.shape).contiguous()
+        return out
+    if pixels.dim() == 4:  # (B, C, H, W) inside a dict: one image per row
+        out["pixel_values"] = noisy_mixup(pixels, delta=delta, stats=stats, generator=generator)
+        return out
+    if pixels.dim() != 5:
+        raise ValueError(f"noise.noisy_pixel_values: pixel_values {tuple(pixels.shape)} with keys {sorted(images)}: "
+                         "expected (B, C, H, W), tiles (B, n, C, H, W) or packed patches with image_grid_thw")
+    if "image_sizes" in images:  # anyres: the first n_b tiles of row b are real
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        counts = [image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+                  for size in images["image_sizes"].tolist()]
+        valid = torch.zeros(pixels.shape[:2], dtype=torch.bool, device=pixels.device)  # (B, n)
+        for row, count in enumerate(counts):
+            valid[row, :count] = True
+        valid = valid[:, :, None, None, None].expand_as(pixels)  # (B, n, C, H, W)
+    else:  # Idefics3 / SmolVLM: all-zero tiles are padding (the model's own rule), pixel_attention_mask marks pixels
+        real = (pixels != 0).flatten(2).any(-1)  # (B, n)
+        valid = real[:, :, None, None, None].expand_as(pixels)
+        if "pixel_attention_mask" in images:
+            valid = valid & images["pixel_attention_mask"].bool()[:, :, None].expand_as(pixels)
+    groups = [pixels[row][valid[row]] for row in range(pixels.shape[0])]  # each image's own values, (n_b,)
+    noisy = pixels.clone()
+    for row, mixed in enumerate(noisy_mixup_each(groups, delta=delta, stats=stats, generator=generator)):
+        noisy[row][valid[row]] = mixed
+    out["pixel_values"] = noisy
+    return out

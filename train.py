@@ -1,4 +1,6 @@
-"""Fine-tune LLaVA-1.5 / VILA1.5 on a caption + multiple-choice mix with NRCA or a counterpart.
+"""Fine-tune an MLLM on a caption + multiple-choice mix with NRCA or a counterpart: LLaVA-1.5, VILA1.5 or any
+transformers image-text-to-text folder (models.load_model picks the adapter; every method runs on every model
+but for the exceptions in the README's "Models and methods").
 
 Implements the training procedure of paper Sec. 4.1 and Algorithm 1: connector + last N decoder layers
 trainable, AdamW with per-module learning rates, cosine schedule with warm-up, batch 16, E epochs.
@@ -13,6 +15,7 @@ Run:
         --train caption:flickr30k=/data/flickr30k.json --train choice:scienceqa=/data/sqa.json \\
         --image-folder /data/images --out-dir runs/llava_nrca
     torchrun --nproc_per_node=8 train.py --preset vila --model /ckpt/VILA1.5-3b ... [--fsdp]
+    python hf_tiny.py tiny-qwen2-vl runs/tiny-qwen2-vl && python train.py --model runs/tiny-qwen2-vl --method l2
     python train.py --resume --out-dir runs/llava_nrca   # continue from the latest checkpoint
 
 Not here: LoRA, multi-image samples, sequence packing.
@@ -57,7 +60,8 @@ def _f(default, help):  # a dataclass field with its comment, which argparse sho
 class TrainConfig:
     preset: str = _f("embedded", "embedded | llava | vila: defaults of the paper's settings (Sec. 4.1)")
     # model and data
-    model: str = _f("tiny-llava", "tiny-llava | tiny-vila | a LLaVA (transformers) or VILA1.5 checkpoint folder")
+    model: str = _f("tiny-llava", "tiny-llava | tiny-vila | a LLaVA (transformers) or VILA1.5 checkpoint folder | any "
+                                  "transformers image-text-to-text folder (Qwen2-VL, LLaVA-OneVision, Idefics3, ...)")
     train: list = _f(None, "TASK:NAME=PATH of a LLaVA/DataOptim JSON(L) file, repeatable; TASK is "
                            "caption or choice. Empty: the synthetic set in --data-dir")
     image_folder: str = _f("", "folder the records' image paths are relative to (default: the JSON's folder)")
@@ -65,15 +69,17 @@ class TrainConfig:
                           "default: the synthetic test split in --data-dir)")
     data_dir: str = _f("", "the testbed world (testbed.py), written here when absent (default: "
                            "data/testbed-seed{SEED})")
-    base_epochs: int = _f(0, "tiny models only: first pre-train the random model for this many epochs on the "
-                             "testbed's pre-training corpus (every part trains, the vision tower included, with "
-                             "noise augmentation), check the gates, cache it next to --out-dir per seed, and "
-                             "fine-tune that base")
+    base_epochs: int = _f(0, "built-in tiny models only (the embedded preset sets 3 for them): first pre-train "
+                             "the random model for this many epochs on the testbed's pre-training corpus (every "
+                             "part trains, the vision tower included, with noise augmentation), check the gates, "
+                             "cache it next to --out-dir per seed, and fine-tune that base")
     samples_per_dataset: int = _f(10_000, "k random records per dataset (paper: 10k)")
     max_length: int = _f(2048, "max tokens per sample, image tokens included (LLaVA-1.5 counted the image as 1); "
                                  "image tokens are never cut")
     skip_bad_records: bool = _f(False, "count and log bad records instead of stopping")
     out_dir: str = _f("runs/default", "run folder: checkpoints, metrics.jsonl, final model, eval")
+    connector: str = _f("", "generic models only: connector module name(s), comma-separated, overriding "
+                            "hf_models.CONNECTORS for a family it does not know (see model.named_modules())")
     vila_downsample_order: str = _f("auto", "VILA connector's 2x2 block order: auto (from mm_projector/config.json: "
                                             "mlp_downsample = vila1.5, mlp_downsample_2x2_fix = nvila) | vila1.5 | "
                                             "nvila (mlp_downsample checkpoints trained with VILA's code from 2024-12)")
@@ -183,7 +189,10 @@ def make_config(**overrides) -> TrainConfig:
     unknown = set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise ValueError(f"unknown config fields {sorted(unknown)}")
-    cfg = TrainConfig(**{**PRESETS[preset], **overrides})
+    settings = {**PRESETS[preset], **overrides}
+    if "base_epochs" not in overrides and settings.get("model", TrainConfig.model) not in models.BUILT_IN:
+        settings["base_epochs"] = 0  # the embedded preset pre-trains a base for the built-in tiny models only
+    cfg = TrainConfig(**settings)
     if not cfg.data_dir:
         cfg.data_dir = f"data/testbed-seed{cfg.seed}"
     validate_config(cfg)
@@ -292,13 +301,19 @@ def parallelize(mllm, cfg: TrainConfig, world: int):
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        tower = mllm.vision_tower  # its layers; the tower itself stays unwrapped (transformers records its
-        frozen_units = list(getattr(tower, "vision_model", tower).encoder.layers)  # hidden states by hooks on it)
-        units = [mllm.connector] + list(mllm.decoder_layers)
+        # The tower's layers; the tower itself stays unwrapped (transformers records its hidden states by hooks
+        # on it).
+        frozen_units = list(mllm.vision_layers)
+        units = mllm.connector_modules() + list(mllm.decoder_layers)
         # Every unit reshards after its forward (explicitly: a unit outside any other is its own FSDP2 root,
         # which would otherwise keep its gathered weights until the backward pass).
         for unit in frozen_units + units:
             fully_shard(unit, reshard_after_forward=True)
+        inside = {id(p) for unit in units for p in unit.parameters()}
+        outside = [n for n, p in mllm.model.named_parameters() if p.requires_grad and id(p) not in inside]
+        if outside:  # e.g. LLaVA-OneVision's image_newline: the whole model becomes the root unit, so they sync too
+            fully_shard(mllm.model, reshard_after_forward=True)
+            units.append(mllm.model)
         return mllm.model, [u for u in units if any(p.requires_grad for p in u.parameters())]
     from torch.nn.parallel import DistributedDataParallel
 
@@ -378,9 +393,7 @@ def build_dataset(cfg: TrainConfig, mllm, rank: int, world: int):
     records = data.mix_datasets([data.Source(name=n, path=p, task=t) for t, n, p in sources],
                                 skip_bad_records=cfg.skip_bad_records,
                                 samples_per_dataset=cfg.samples_per_dataset, seed=cfg.seed)
-    return data.MultiTaskDataset(records, image_folder, mllm.tokenizer, mllm.preprocess,
-                                 mllm.num_image_tokens, mllm.image_token_id, cfg.max_length,
-                                 skip_bad_records=cfg.skip_bad_records)
+    return mllm.dataset(records, image_folder, cfg.max_length, skip_bad_records=cfg.skip_bad_records)
 
 
 def epoch_batches(n_items: int, epoch: int, cfg: TrainConfig, rank: int, world: int):
@@ -403,15 +416,14 @@ def noise_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return ((seed * 1_000_003 + step) * 64 + micro) * 1024 + rank
 
 
-def load_batch(dataset, indices, pad_token_id, device):
+def load_batch(dataset, indices, mllm, device):
     items = []
     for index in indices:
         item = dataset[index if index >= 0 else -1 - index]
         if index < 0:  # padding: same shapes, no answer token
             item = {**item, "labels": torch.full_like(item["labels"], data.IGNORE_INDEX)}
         items.append(item)
-    batch = data.collate(items, pad_token_id)
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return data.to_device(mllm.collate(items), device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -665,6 +677,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     load_dtype = torch.bfloat16 if use_bf16 else torch.float32
     downsample_order = None if cfg.vila_downsample_order == "auto" else cfg.vila_downsample_order
     mllm = models.load_model(cfg.model, dtype=load_dtype, device=device, downsample_order=downsample_order)
+    if cfg.connector:
+        if mllm.kind != "hf":
+            raise ValueError(f"--connector {cfg.connector}: {cfg.model} is a {mllm.kind} model, whose connector is "
+                             "fixed by its architecture")
+        mllm.connector_names = tuple(name.strip() for name in cfg.connector.split(",") if name.strip())
     layers = cfg.tune_last_layers if cfg.tune_last_layers >= 0 else len(mllm.decoder_layers)
     groups = models.freeze_for_finetuning(mllm, tune_last_layers=layers, tune_connector=True,
                                           tune_vision_tower=cfg.tune_vision_tower)
@@ -724,8 +741,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
             started = time.perf_counter()
             totals, n_tokens, ids = {}, 0, []
             for micro in range(accumulation):
-                batch = load_batch(dataset, batches[step_in_epoch * accumulation + micro],
-                                   mllm.pad_token_id, device)
+                batch = load_batch(dataset, batches[step_in_epoch * accumulation + micro], mllm, device)
                 # Noise seed from (seed, step, micro, rank): reproducible across resume, distinct per rank.
                 batch["noise_seed"] = noise_seed(cfg.seed, step, micro, rank)
                 ids += batch["ids"]
@@ -804,7 +820,7 @@ def save_final_model(mllm, fsdp_units, folder: Path, rank: int, source: str = ""
                if p.requires_grad and hasattr(p, "full_tensor")}  # collectives: every rank, same order
     if rank == 0:
         copy = models.load_model(source, dtype=dtype, downsample_order=mllm.model.mm_projector.order
-                                 if mllm.kind == "vila" else None)
+                                 if mllm.kind == "vila" else None)  # any kind: the same adapter as the run's
         params = dict(copy.model.named_parameters())
         with torch.no_grad():
             for name, value in trained.items():

@@ -44,6 +44,47 @@ def _gloo_rank(rank, worker, world, port, args):
         dist.destroy_process_group()
 
 
+TRAIN_DRIVER = '''
+import sys
+import torch
+import train
+
+out_prefix = sys.argv[1]
+save_final_model = train.save_final_model
+
+
+def capture(mllm, fsdp_units, folder, rank, **kwargs):
+    weights = {n: train.full_tensor(p.detach()).clone() for n, p in mllm.model.named_parameters() if p.requires_grad}
+    torch.save(weights, f"{out_prefix}.rank{rank}.pt")
+    return save_final_model(mllm, fsdp_units, folder, rank, **kwargs)
+
+
+train.save_final_model = capture
+train.main(train.parse_config(sys.argv[2:]))
+'''
+
+
+def torchrun_train(tmp_path, arguments: list[str]) -> list[dict]:
+    """`torchrun --nproc_per_node 2 train.py ARGUMENTS` on CPU (gloo, one thread per rank), through a driver that
+    makes every rank save the trainable tensors it holds at the end (FSDP2: all-gathered from the shards).
+    Returns each rank's {name: tensor}."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    repo = Path(__file__).resolve().parents[1]
+    driver = tmp_path / "driver.py"
+    driver.write_text(TRAIN_DRIVER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
+               str(tmp_path / "weights"), *arguments]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return [torch.load(tmp_path / f"weights.rank{r}.pt") for r in range(2)]
+
+
 def wrap_up_down(model, mode: str):
     """A two-layer test model (`up`, `down`) under FSDP2 (each layer sharded) or DDP; returns the module to call."""
     from torch.distributed.fsdp import fully_shard

@@ -31,7 +31,7 @@ def setup(synthetic_data_dir, tmp_path_factory):
     tasks = [dataset.records[i]["task"] for i in range(len(dataset))]
     caption = [i for i, t in enumerate(tasks) if t == "caption"]
     indices = caption[:3] + [tasks.index("choice")]
-    batch = train.load_batch(dataset, indices, mllm.pad_token_id, torch.device("cpu"))
+    batch = train.load_batch(dataset, indices, mllm, torch.device("cpu"))
     batch["noise_seed"] = 99
     return cfg, mllm, named, batch
 

@@ -15,12 +15,12 @@ import torch
 from PIL import Image
 
 import data
-import hf_models
+import evaluate
 import hf_tiny
 import models
 import train
 from methods import get_method, model_forward
-from noise import noisy_mixup_each
+from noise import noisy_mixup_each, noisy_pixel_values
 
 # ---------------------------------------------------------------------------------------------------
 # Noisy Visual Mixup per image (Eq. 2a-2b)
@@ -53,18 +53,18 @@ def test_packed_patches_noise_per_image_and_shared_over_temporal_copies():
 
     first, second = patches(0.0, 4), patches(50.0, 8)
     images = {"pixel_values": torch.cat([first, second]), "image_grid_thw": grid}  # (12, 24)
-    out = hf_models.noisy_image_inputs(images, config, delta=1.0, generator=torch.Generator().manual_seed(1))
+    out = noisy_pixel_values(images, config, delta=1.0, generator=torch.Generator().manual_seed(1))
     assert torch.equal(out["image_grid_thw"], grid)
     noisy = out["pixel_values"].reshape(12, 3, 2, 4)
     assert torch.equal(noisy[:, :, 0], noisy[:, :, 1])  # one draw for both copies of the still image
     assert abs(float(noisy[:4].mean())) < 1.5 and abs(float(noisy[4:].mean()) - 50) < 1.5  # each image's own mu
     # image 0's noisy view does not depend on image 1 (its own statistics, drawn first)
     other = {"pixel_values": torch.cat([first, patches(-30.0, 8)]), "image_grid_thw": grid}
-    again = hf_models.noisy_image_inputs(other, config, delta=1.0, generator=torch.Generator().manual_seed(1))
+    again = noisy_pixel_values(other, config, delta=1.0, generator=torch.Generator().manual_seed(1))
     assert torch.equal(again["pixel_values"][:4], out["pixel_values"][:4])
     video = {"pixel_values": torch.randn(4, 24), "image_grid_thw": grid[:1]}  # temporal copies differ
     with pytest.raises(ValueError, match="temporal copies"):
-        hf_models.noisy_image_inputs(video, config)
+        noisy_pixel_values(video, config)
 
 
 def test_anyres_tiles_one_pair_per_image_padding_untouched():
@@ -79,7 +79,7 @@ def test_anyres_tiles_one_pair_per_image_padding_untouched():
     pixels[0, :] = torch.tensor([0.0, 10.0, 10.0, 10.0, 10.0])[:, None, None, None]  # mean 8, per tile 0 or 10
     pixels[1, :2] = -5.0
     pixels[0] += 0.1 * torch.randn(5, 3, 16, 16)
-    out = hf_models.noisy_image_inputs({"pixel_values": pixels, "image_sizes": sizes}, config, delta=1.0,
+    out = noisy_pixel_values({"pixel_values": pixels, "image_sizes": sizes}, config, delta=1.0,
                                        generator=torch.Generator().manual_seed(2))["pixel_values"]
     assert torch.equal(out[1, 2:], pixels[1, 2:])  # padding tiles stay exact zeros (the model drops them)
     assert abs(float(out[0, 0].mean()) - 8) < 0.5  # the image's mu (8), not the tile's own (0)
@@ -93,7 +93,7 @@ def test_idefics3_tiles_zero_tiles_and_masked_pixels_untouched():
     mask = torch.ones(2, 3, 8, 8, dtype=torch.long)
     mask[0, 1, :, 4:] = 0  # padded pixels of a tile
     pixels[0, 1, :, :, 4:] = 0.0
-    out = hf_models.noisy_image_inputs({"pixel_values": pixels, "pixel_attention_mask": mask}, None, delta=0.5,
+    out = noisy_pixel_values({"pixel_values": pixels, "pixel_attention_mask": mask}, None, delta=0.5,
                                        generator=torch.Generator().manual_seed(3))["pixel_values"]
     assert torch.equal(out[1, 2], pixels[1, 2]) and torch.equal(out[0, 1, :, :, 4:], pixels[0, 1, :, :, 4:])
     assert not torch.equal(out[0, 1, :, :, :4], pixels[0, 1, :, :, :4]) and not torch.equal(out[1, :2], pixels[1, :2])
@@ -121,7 +121,7 @@ def steps(mllm, method_name, batch, n):
     mllm.model.train()
     losses, metrics = [], {}
     for step in range(n):
-        loss, metrics = method.loss(hf_models.hf_forward(mllm.model), {**batch, "noise_seed": step})
+        loss, metrics = method.loss(model_forward(mllm.model), {**batch, "noise_seed": step})
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -134,7 +134,7 @@ def steps(mllm, method_name, batch, n):
 def test_family_end_to_end(family, synthetic_data_dir, tmp_path):
     mllm = hf_tiny.build(family)
     train_records = mixed(synthetic_data_dir)
-    dataset = hf_models.HFDataset(train_records, synthetic_data_dir, mllm, max_length=512)
+    dataset = mllm.dataset(train_records, synthetic_data_dir, max_length=512)
     items = [dataset[i] for i in (0, 1, 4, 5)]  # 2 captions, 2 choices
     # Labels through the chat template: the reply and its end-of-turn token, nothing of the prompt.
     for item, record in zip(items, [train_records[i] for i in (0, 1, 4, 5)], strict=True):
@@ -149,7 +149,7 @@ def test_family_end_to_end(family, synthetic_data_dir, tmp_path):
     batch = mllm.collate(items)
 
     # Trainable set: connector (by name) + last 2 decoder layers; the vision tower stays frozen.
-    groups = hf_models.freeze(mllm, tune_last_layers=2)
+    groups = models.freeze_for_finetuning(mllm, tune_last_layers=2)
     trainable = {n for n, p in mllm.model.named_parameters() if p.requires_grad}
     connector = {n for n, _ in mllm.connector_parameters()}
     expected_connector = {"qwen2_vl": "visual.merger.", "qwen2_5_vl": "visual.merger.",
@@ -163,9 +163,9 @@ def test_family_end_to_end(family, synthetic_data_dir, tmp_path):
     # Answer-row logits: logits_to_keep and the hidden-state fallback agree.
     mask = batch["labels"] != -100
     with torch.no_grad():
-        kept = hf_models.hf_forward(mllm.model)(batch["attention_mask"], mask, input_ids=batch["input_ids"],
+        kept = model_forward(mllm.model)(batch["attention_mask"], mask, input_ids=batch["input_ids"],
                                                 pixel_values=batch["pixel_values"])  # (N, V)
-        sliced = hf_models.hf_forward(mllm.model, via_hidden=True)(batch["attention_mask"], mask,
+        sliced = model_forward(mllm.model, via_hidden=True)(batch["attention_mask"], mask,
                                                                    input_ids=batch["input_ids"],
                                                                    pixel_values=batch["pixel_values"])
     assert kept.shape == (int(mask.sum()), mllm.model.config.get_text_config().vocab_size)
@@ -181,7 +181,7 @@ def test_family_end_to_end(family, synthetic_data_dir, tmp_path):
         assert torch.equal(parameter, before[name]) != (name in trainable), name
 
     mllm.save(str(tmp_path / "model"))
-    again = hf_models.load(str(tmp_path / "model"))
+    again = models.load_model(str(tmp_path / "model"))
     assert type(again.model) is type(mllm.model)
     state, reloaded = mllm.model.state_dict(), again.model.state_dict()
     assert state.keys() == reloaded.keys() and all(torch.equal(state[k], reloaded[k]) for k in state)
@@ -189,12 +189,15 @@ def test_family_end_to_end(family, synthetic_data_dir, tmp_path):
 
     tests = {"caption": records(synthetic_data_dir, "test", "caption"),
              "choice": records(synthetic_data_dir, "test", "choice")}
-    result = hf_models.evaluate(again, tests, synthetic_data_dir, max_new_tokens=6)
-    assert result["cider"] >= 0 and 0 <= result["accuracy"] <= 100
-    assert len(result["caption_predictions"]) == len(tests["caption"])
-    first = again.generate([Image.open(synthetic_data_dir / tests["caption"][0]["image"])],
-                           [tests["caption"][0]["conversations"][0]["value"].replace("<image>", "").strip()], 6)
-    assert first[0] == result["caption_predictions"][tests["caption"][0]["id"]]  # batching does not change it
+    result = evaluate.evaluate_model(again, tests, image_folder=synthetic_data_dir, max_new_tokens=6, batch_size=3,
+                                     out_dir=tmp_path / "eval")
+    assert result["cider"] >= 0 and 0 <= result["accuracy"] <= 100 and result["n_caption"] == len(tests["caption"])
+    lines = [json.loads(line) for line in (tmp_path / "eval" / "predictions_caption.jsonl").read_text().splitlines()]
+    one = evaluate.validate_test_records(tests["caption"][:1], "caption")
+    alone = evaluate.generate_answers(again, one, synthetic_data_dir, batch_size=1, max_new_tokens=6)
+    assert alone[0]["prediction"] == lines[0]["prediction"]  # batching (left padding) does not change it
+    noisy = evaluate.generate_answers(again, one, synthetic_data_dir, max_new_tokens=6, noisy=True)
+    assert noisy == evaluate.generate_answers(again, one, synthetic_data_dir, max_new_tokens=6, noisy=True)
 
 
 def test_llava15_generic_path_equals_dedicated_path(synthetic_data_dir):
@@ -205,7 +208,7 @@ def test_llava15_generic_path_equals_dedicated_path(synthetic_data_dir):
     train_records = mixed(synthetic_data_dir)
     dedicated = data.MultiTaskDataset(train_records, synthetic_data_dir, mllm.tokenizer, mllm.preprocess,
                                       mllm.num_image_tokens, mllm.image_token_id, max_length=256)
-    through_template = hf_models.HFDataset(train_records, synthetic_data_dir, generic, max_length=256)
+    through_template = generic.dataset(train_records, synthetic_data_dir, max_length=256)
     indices = (0, 1, 4, 5)
     ours = data.collate([dedicated[i] for i in indices], mllm.pad_token_id)
     theirs = generic.collate([through_template[i] for i in indices])
@@ -218,7 +221,7 @@ def test_llava15_generic_path_equals_dedicated_path(synthetic_data_dir):
     with torch.no_grad():
         dedicated_logits = model_forward(mllm.model)(ours["attention_mask"], mask, input_ids=ours["input_ids"],
                                                      pixel_values=ours["pixel_values"])
-        generic_logits = hf_models.hf_forward(generic.model)(theirs["attention_mask"], mask,
+        generic_logits = model_forward(generic.model)(theirs["attention_mask"], mask,
                                                              input_ids=theirs["input_ids"],
                                                              pixel_values=theirs["pixel_values"])
     assert torch.equal(dedicated_logits, generic_logits)
@@ -236,7 +239,7 @@ def test_connector_override_and_missing_connector():
     mllm = hf_tiny.build("idefics3")
     mllm.connector_names = ("nothing.here",)
     with pytest.raises(ValueError, match="connector"):
-        hf_models.freeze(mllm)
+        models.freeze_for_finetuning(mllm)
     mllm.connector_names = ("modality_projection",)
     assert [n for n, _ in mllm.connector_parameters()] == ["model.connector.modality_projection.proj.weight"]
 
@@ -246,14 +249,14 @@ def test_merge_images_pads_tiles_and_masks_with_zeros():
     a = {"pixel_values": torch.ones(1, 3, 3, 8, 8), "pixel_attention_mask": torch.ones(1, 3, 8, 8, dtype=torch.long)}
     b = {"pixel_values": 2 * torch.ones(1, 2, 3, 8, 6),
          "pixel_attention_mask": torch.ones(1, 2, 8, 6, dtype=torch.long)}
-    merged = hf_models.merge_images([a, b])
+    merged = data.merge_images([a, b])
     assert merged["pixel_values"].shape == (2, 3, 3, 8, 8) and merged["pixel_attention_mask"].shape == (2, 3, 8, 8)
     assert torch.equal(merged["pixel_values"][0], a["pixel_values"][0])
     assert torch.equal(merged["pixel_values"][1, :2, :, :, :6], b["pixel_values"][0])
     assert merged["pixel_values"][1, 2].abs().sum() == 0 and merged["pixel_values"][1, :, :, :, 6:].abs().sum() == 0
     assert int(merged["pixel_attention_mask"][1].sum()) == 2 * 8 * 6
-    packed = hf_models.merge_images([{"pixel_values": torch.ones(4, 24), "image_grid_thw": torch.tensor([[1, 2, 2]])},
+    packed = data.merge_images([{"pixel_values": torch.ones(4, 24), "image_grid_thw": torch.tensor([[1, 2, 2]])},
                                      {"pixel_values": torch.ones(8, 24), "image_grid_thw": torch.tensor([[1, 2, 4]])}])
     assert packed["pixel_values"].shape == (12, 24) and packed["image_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 4]]
     with pytest.raises(ValueError, match="different image keys"):
-        hf_models.merge_images([a, {"pixel_values": torch.ones(1, 3, 8, 8)}])
+        data.merge_images([a, {"pixel_values": torch.ones(1, 3, 8, 8)}])

@@ -4,14 +4,11 @@ and HF Trainer trains with it (LLaVA-1.5 batches from data.collate; a Qwen2-VL b
 Run: TRITON_INTERPRET=1 python -m pytest -q tests/test_hf_trainer.py   (about 15 s on 2 CPU cores)
 """
 
-import json
-
 import pytest
 import torch
 from transformers import TrainingArguments
 
 import data
-import hf_models
 import hf_tiny
 import models
 import train
@@ -90,8 +87,8 @@ def test_trainer_trains_tiny_llava(synthetic_data_dir, tmp_path):
 
 def test_trainer_trains_qwen2_vl_packed_patches(synthetic_data_dir, tmp_path):
     mllm = hf_tiny.build("qwen2_vl")
-    hf_models.freeze(mllm, tune_last_layers=2)
-    dataset = hf_models.HFDataset(synthetic_records(synthetic_data_dir), synthetic_data_dir, mllm)
+    models.freeze_for_finetuning(mllm, tune_last_layers=2)
+    dataset = mllm.dataset(synthetic_records(synthetic_data_dir), synthetic_data_dir)
     before = trainable_copy(mllm.model)
     trainer = NRCATrainer(model=mllm.model, args=arguments(tmp_path, max_steps=2), train_dataset=dataset,
                           data_collator=mllm.collate, processing_class=mllm.processor, nrca={"method": "nrca"})
@@ -111,7 +108,7 @@ def test_activation_checkpointing_on_a_generic_family_gives_the_same_weights(syn
     weights, calls = {}, {}
     for checkpointing in (False, True):
         mllm = hf_tiny.build("qwen2_vl")
-        hf_models.freeze(mllm, tune_last_layers=2)
+        models.freeze_for_finetuning(mllm, tune_last_layers=2)
         if checkpointing:
             checkpoint_decoder_layers(mllm.model.get_decoder())
         counter = {"n": 0}
@@ -121,7 +118,7 @@ def test_activation_checkpointing_on_a_generic_family_gives_the_same_weights(syn
 
         for layer in mllm.decoder_layers:
             layer.self_attn.register_forward_hook(count)
-        dataset = hf_models.HFDataset(synthetic_records(synthetic_data_dir), synthetic_data_dir, mllm)
+        dataset = mllm.dataset(synthetic_records(synthetic_data_dir), synthetic_data_dir)
         trainer = NRCATrainer(model=mllm.model, args=arguments(tmp_path / str(checkpointing), max_steps=2),
                               train_dataset=dataset, data_collator=mllm.collate, processing_class=mllm.processor,
                               nrca={"method": "nrca"})
@@ -136,18 +133,3 @@ def test_activation_checkpointing_on_a_generic_family_gives_the_same_weights(syn
 def test_trainer_rejects_methods_with_state():
     with pytest.raises(ValueError, match="random-mask"):
         NRCATrainer(model=torch.nn.Linear(1, 1), nrca={"method": "random-mask"})
-
-
-def test_command_line_trains_saves_and_scores(synthetic_data_dir, tmp_path):
-    """`python hf_trainer.py --model tiny-idefics3 ...`: Trainer steps, OUT/final reloads, eval.json has the scores."""
-    import hf_trainer
-
-    out = tmp_path / "run"
-    args = hf_trainer.parse_args(["--model", "tiny-idefics3", "--data-dir", str(synthetic_data_dir), "--out-dir",
-                                  str(out), "--max-steps", "2", "--batch-size", "4", "--micro-batch-size", "2",
-                                  "--eval-limit", "2", "--eval-max-new-tokens", "4", "--samples-per-dataset", "4"])
-    result = hf_trainer.main(args)
-    assert result["steps"] == 2 and result["cider"] >= 0 and 0 <= result["accuracy"] <= 100
-    saved = json.loads((out / "eval.json").read_text())
-    assert saved["method"] == "nrca" and len(saved["caption_predictions"]) == 2
-    assert type(hf_models.load(str(out / "final")).model).__name__ == "Idefics3ForConditionalGeneration"

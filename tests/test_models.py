@@ -510,12 +510,12 @@ def test_bad_folders(tmp_path):
         models.load_model(str(tmp_path / "nowhere"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match="no config.json.*LLaVA.*VILA"):
+    with pytest.raises(ValueError, match="no config.json.*image-text-to-text.*VILA"):
         models.load_model(str(empty))
     bert = tmp_path / "bert"
     bert.mkdir()
     json.dump({"model_type": "bert"}, open(bert / "config.json", "w"))
-    with pytest.raises(ValueError, match="'bert'.*model_type 'llava'.*mm_projector"):
+    with pytest.raises(ValueError, match="'bert'.*AutoModelForImageTextToText.*mm_projector"):
         models.load_model(str(bert))
 
     llava = tmp_path / "llava"

@@ -11,13 +11,11 @@ batch ids and last checkpoint; bad configs fail before any model loads; argparse
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import torchrun_train
 from safetensors.torch import load_file
 
 import models
@@ -117,7 +115,7 @@ def test_fused_and_released_nrca_agree(model, synthetic_data_dir, tmp_path):
     dataset = train.build_dataset(cfg, mllm, rank=0, world=1)
     tasks = [dataset.records[i]["task"] for i in range(len(dataset))]
     indices = [tasks.index("caption"), tasks.index("choice"), len(tasks) - 1 - tasks[::-1].index("caption")]
-    batch = train.load_batch(dataset, indices, mllm.pad_token_id, torch.device("cpu"))
+    batch = train.load_batch(dataset, indices, mllm, torch.device("cpu"))
     batch["noise_seed"] = 1234
     forward = model_forward(mllm.model)
     results = {}
@@ -140,40 +138,12 @@ def test_fused_and_released_nrca_agree(model, synthetic_data_dir, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # 4. torchrun --nproc_per_node 2 on CPU (gloo): DDP and FSDP2.
 # ---------------------------------------------------------------------------------------------
-DRIVER = '''
-import sys
-import torch
-import train
-
-out_prefix = sys.argv[1]
-save_final_model = train.save_final_model
-
-
-def capture(mllm, fsdp_units, folder, rank, **kwargs):
-    """Every rank writes the trainable tensors it holds at the end (FSDP2: all-gathered from the shards)."""
-    weights = {n: train.full_tensor(p.detach()).clone() for n, p in mllm.model.named_parameters() if p.requires_grad}
-    torch.save(weights, f"{out_prefix}.rank{rank}.pt")
-    return save_final_model(mllm, fsdp_units, folder, rank, **kwargs)
-
-
-train.save_final_model = capture
-train.main(train.parse_config(sys.argv[2:]))
-'''
-
-
 def torchrun(tmp_path, data_dir, method: str, fsdp: bool):
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
-               str(tmp_path / "weights"), "--model", "tiny-llava", "--data-dir", str(data_dir), "--out-dir", str(out),
-               "--base-epochs", "0", "--epochs", "1", "--batch-size", "4", "--micro-batch-size", "2",
-               "--samples-per-dataset", "4", "--no-eval-every-epoch", "--method", method]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run(command + (["--fsdp"] if fsdp else []), cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    ranks = [torch.load(tmp_path / f"weights.rank{r}.pt") for r in range(2)]
+    ranks = torchrun_train(tmp_path, ["--model", "tiny-llava", "--data-dir", str(data_dir), "--out-dir", str(out),
+                                      "--base-epochs", "0", "--epochs", "1", "--batch-size", "4",
+                                      "--micro-batch-size", "2", "--samples-per-dataset", "4", "--no-eval-every-epoch",
+                                      "--method", method] + (["--fsdp"] if fsdp else []))
     return out, ranks
 
 
