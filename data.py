@@ -18,6 +18,9 @@ records, multi-task mixing, image loading, collation, and the synthetic embedded
   ("caption" / "choice") and source (dataset name).
 - Images: opened with PIL as RGB; the model's `preprocess` does LLaVA's pad-to-square (mean colour,
   `pad_to_square` below) or VILA's straight resize.
+- Batches (`collate`) for both kinds of model (models.py): (B, C, H, W) pixels, or a transformers processor's
+  dict of image tensors (`merge_images`: packed patches concatenated, tiles zero-padded); right-padded for
+  training, left-padded prompts for generation. `usable_records` is the eager check every training dataset runs.
 - Bad input (missing/unreadable image, malformed JSON, no answer turn, prompt longer than max_length)
   raises `DataError` / `FileNotFoundError` naming the file, the record id and the problem;
   `skip_bad_records=True` turns record-level errors into skips that are logged one by one and kept in

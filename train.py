@@ -284,9 +284,11 @@ def init_distributed():
 
 def parallelize(mllm, cfg: TrainConfig, world: int):
     """Activation checkpointing, then DDP over the whole model (frozen parts need no sync) or FSDP2: every
-    decoder layer, every vision-tower layer and the connector become units sharded over the ranks (frozen
-    ones too, so each rank holds about 1/world of their weights; embeddings (token, patch, position), lm_head
-    and the norms outside the layers stay whole on every rank).
+    decoder layer, every vision-tower layer and the connector's modules become units sharded over the ranks
+    (frozen ones too, so each rank holds about 1/world of their weights; embeddings (token, patch, position),
+    lm_head and the norms outside the layers stay whole on every rank). A trainable parameter outside those
+    units (LLaVA-OneVision's image_newline, or the tower's embeddings when it trains) would not be synced: then
+    the whole model becomes the root unit too, which shards the rest.
     The model is left in training mode: transformers checkpoints only there, and dropout is 0 in these models,
     so the numbers are those of eval mode (evaluation switches to eval mode and back).
     Returns (the model to call, the FSDP2 units whose weights train)."""
@@ -309,7 +311,7 @@ def parallelize(mllm, cfg: TrainConfig, world: int):
         # which would otherwise keep its gathered weights until the backward pass).
         for unit in frozen_units + units:
             fully_shard(unit, reshard_after_forward=True)
-        inside = {id(p) for unit in units for p in unit.parameters()}
+        inside = {id(p) for unit in frozen_units + units for p in unit.parameters()}
         outside = [n for n, p in mllm.model.named_parameters() if p.requires_grad and id(p) not in inside]
         if outside:  # e.g. LLaVA-OneVision's image_newline: the whole model becomes the root unit, so they sync too
             fully_shard(mllm.model, reshard_after_forward=True)
