@@ -213,8 +213,9 @@ def generate_answers(mllm, records: list[dict], image_folder: Path, batch_size: 
                      progress: bool = False) -> list[dict]:
     """Greedy answers for records (this rank's share): [{"id", "prediction", "prompt_tokens", ["attention"]}],
     for either kind of model (models.py's interface: mllm.prompt, data.collate, mllm.generate). noisy: each
-    image's Noisy Visual Mixup view (Eq. 2b, its own statistics) with a seed per record, so the view does not
-    depend on batching, sharding or --limit. attention: {"all": [system, prompt, visual], "mid": [...]} for
+    image's Noisy Visual Mixup view (Eq. 2b, its own statistics) with a seed per record, drawn on the CPU before
+    the batch moves to the model's device, so the view does not depend on batching, sharding, --limit or the
+    device. attention: {"all": [system, prompt, visual], "mid": [...]} for
     the first generated token (LLaVA-1.5 / VILA1.5)."""
     from tqdm import tqdm
 

@@ -5,18 +5,19 @@ Qwen2.5-VL, LLaVA-OneVision, Idefics3 / SmolVLM, LLaVA-1.5; see the README's tab
 which exposes what models.MLLM exposes for LLaVA-1.5 / VILA1.5, so train.py, evaluate.py and every method
 run on it unchanged. `models.load_model(folder)` returns one for every folder that is neither LLaVA nor VILA.
 
-- Prompts and labels come from the processor's chat template, never from a hand-written one. For one
-  (image, question, answer) the template renders the user turn with the generation prompt (`prompt`)
-  and the user + assistant turns (`full`); `full` must start with `prompt`, and the rest, the assistant's
-  reply, is what gets labels. Trailing whitespace after the reply's last token is not labelled (Qwen's
-  "<|im_end|>\\n" -> "<|im_end|>"). A template that closes the assistant turn with no special token
-  (llava-hf's ends the reply with a space) gets the tokenizer's eos appended, else the model would never
-  learn to stop. The prompt goes through the processor (which expands the image placeholder into the
-  family's image tokens), the reply through the tokenizer alone, and the two are concatenated: the label
-  boundary is exact, and generation conditions on exactly the training prompt (LLaVA's piece-wise
-  tokenisation, as data.py does for vicuna_v1). Special tokens: the tokenizer adds its own (BOS) to the
-  prompt unless the rendered prompt already starts with the BOS token, the rule of transformers 5.23's
-  `ProcessorMixin.apply_chat_template(tokenize=True)` (llava-hf's template writes no BOS, vicuna_v1's does).
+- Prompts and labels come from the processor's chat template, never from a hand-written one
+  (`HFMLLM.conversation`). For exchange k of a record the template renders the conversation up to k's
+  generation prompt (`prompt_k`) and up to k's answer (`full_k`); `full_k` must extend `prompt_k`, and
+  `prompt_k` the text through reply k - 1. Each reply is what gets labels; trailing whitespace after its last
+  token is not labelled (Qwen's "<|im_end|>\\n" -> "<|im_end|>"). A template that closes the assistant turn
+  with no special token (llava-hf's ends the reply with a space) gets the tokenizer's eos appended, else the
+  model would never learn to stop. The first prompt goes through the processor (which expands the image
+  placeholder into the family's image tokens), every later piece through the tokenizer alone, and the pieces
+  are concatenated: the label boundaries are exact, and generation conditions on exactly the training prompt
+  (LLaVA's piece-wise tokenisation, as data.py does for vicuna_v1). Special tokens: the tokenizer adds its own
+  (BOS) to the prompt unless the rendered prompt already starts with the BOS token, the rule of transformers
+  5.23's `ProcessorMixin.apply_chat_template(tokenize=True)` (llava-hf's template writes no BOS, vicuna_v1's
+  does).
 - Trainable set (paper Sec. 3.1, models.freeze_for_finetuning): the connector + the last N decoder layers.
   The connector is found by module name per family (`CONNECTORS`; override with train.py's `--connector`),
   the decoder layers through `model.get_decoder().layers`, the vision tower by name (`VISION_TOWERS`).
@@ -26,10 +27,10 @@ run on it unchanged. `models.load_model(folder)` returns one for every folder th
 
 A batch holds `pixel_values` = the dict of the processor's image tensors (pixel_values, image_grid_thw,
 image_sizes, pixel_attention_mask, ...) and of its token-aligned extras (`mm_token_type_ids`), which
-data.collate merges and methods.model_forward unpacks into the model call. One image per sample, one
-question and answer per record.
+data.collate merges and methods.model_forward unpacks into the model call. One image per sample, in its
+first user turn.
 
-Not here: videos, several images per sample, multi-turn records, modality interference (needs `embed`),
+Not here: videos, several images per sample, modality interference (needs `embed`),
 attention shares (Table 1 locates the vicuna_v1 system prompt): the README's table lists them.
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_hf_models.py
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +68,7 @@ CONNECTORS = {
 }
 DEFAULT_CONNECTORS = ("multi_modal_projector", "visual.merger", "connector", "image_newline")
 VISION_TOWERS = ("vision_tower", "visual", "vision_model")  # attribute of the base model (model.model)
+log = logging.getLogger("nrca.hf_models")
 
 
 def without_video(processor_class):
@@ -150,14 +153,18 @@ class HFMLLM:
         if not found:
             raise ValueError(f"hf_models: no parameter of {type(self.model).__name__} (model_type "
                              f"{self.model.config.model_type!r}) lies under the connector names {names}; name the "
-                             "connector's modules with train.py --connector NAME[,NAME] (see model.named_modules())")
+                             "connector's modules with train.py --connector NAME[,NAME], or set "
+                             "mllm.connector_names = ('NAME', ...) in code (see model.named_modules())")
         return found
 
     def connector_modules(self) -> list[nn.Module]:
         """The connector's modules (FSDP2 units); a bare parameter such as LLaVA-NeXT's image_newline is none."""
         names = self.connector_names or CONNECTORS.get(self.model.config.model_type, DEFAULT_CONNECTORS)
-        return [module for path, module in self.model.named_modules()
-                if path and any(f".{path}".endswith(f".{name}") for name in names)]
+        found = [module for path, module in self.model.named_modules()
+                 if path and any(f".{path}".endswith(f".{name}") for name in names)]
+        # A container (Qwen3-VL's deepstack_merger_list) has no forward of its own, which FSDP2 needs: its children.
+        return [part for module in found
+                for part in (module.children() if isinstance(module, (nn.ModuleList, nn.ModuleDict)) else [module])]
 
     @property
     def vision_tower(self) -> nn.Module:
@@ -176,41 +183,62 @@ class HFMLLM:
         return max(lists, key=len)
 
     # --- chat template and labels ---------------------------------------------------------------
-    def render(self, question: str, answer: str | None = None) -> str:
-        """The chat template's text: the user turn (image + question) with the generation prompt, or with
-        the assistant's answer when given."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        if answer is not None:
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=answer is None)
+    def render(self, turns: list[tuple[str, str | None]]) -> str:
+        """The chat template's text of (question, answer) exchanges, the image in the first user turn. A last
+        answer of None renders that question with the generation prompt."""
+        messages = []
+        for k, (question, answer) in enumerate(turns):
+            image = [{"type": "image"}] if k == 0 else []
+            messages.append({"role": "user", "content": image + [{"type": "text", "text": question}]})
+            if answer is not None:
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return self.processor.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=turns[-1][1] is None)
 
     @functools.cached_property
     def eos_token_ids(self) -> list[int]:
         """Tokens that end generation: the tokenizer's eos and the token closing the template's assistant turn."""
-        reply = self._reply_ids("ok")
+        _, ((_, reply),) = self.conversation([("?", "ok")])
         ids = [self.tokenizer.eos_token_id, reply[-1]] if self.tokenizer.eos_token_id is not None else [reply[-1]]
         return sorted(set(ids))
 
-    def _reply_ids(self, answer: str, question: str = "?", where: str = "hf_models") -> list[int]:
-        prompt, full = self.render(question), self.render(question, answer)
-        if not full.startswith(prompt):
-            raise ValueError(f"{where}: the chat template's assistant turn does not extend its generation "
-                             f"prompt (prompt ends {prompt[-40:]!r}, the conversation reads "
-                             f"{full[len(prompt) - 40:][:80]!r}): labels cannot be placed through this template")
-        reply = full[len(prompt):].rstrip()  # trailing "\n" after the end-of-turn token: not labelled
-        if answer.strip() not in reply:
-            raise DataError(f"{where}: the chat template dropped the answer text {answer!r} from the assistant turn")
-        ids = self.tokenizer(reply, add_special_tokens=False).input_ids
-        if not ids or ids[-1] not in self.tokenizer.all_special_ids:  # the turn has no closing token: add eos
-            if self.tokenizer.eos_token_id is None:
-                raise ValueError(f"{where}: the template closes the assistant turn with no special token and the "
-                                 "tokenizer has no eos: the model could never learn to stop")
-            ids = ids + [self.tokenizer.eos_token_id]
-        return ids
+    def conversation(self, turns: list[tuple[str, str]], where: str = "hf_models") -> tuple[str, list]:
+        """A conversation through the chat template: (the first prompt's text, [(ids before reply k, reply k's
+        ids)]). Prompt k is the template's text up to exchange k's generation prompt, reply k what the template
+        adds after it when the answer is given (its trailing whitespace after the end-of-turn token not
+        labelled: Qwen's "<|im_end|>\\n" -> "<|im_end|>"). Exchange k + 1's prompt must extend exchange k's
+        text, else labels could not be placed; the text between them (the newline, the next user turn, the
+        assistant prefix) is the unlabelled part before reply k + 1. A reply the template closes with no special
+        token gets the tokenizer's eos, else the model would never learn to stop."""
+        first, pieces, said = None, [], ""
+        for k in range(len(turns)):
+            prompt = self.render(turns[:k] + [(turns[k][0], None)])
+            full = self.render(turns[:k + 1])
+            if not prompt.startswith(said) or not full.startswith(prompt):
+                before, after = (said, prompt) if not prompt.startswith(said) else (prompt, full)
+                raise ValueError(f"{where}: the chat template's text for exchange {k + 1} does not extend the text "
+                                 f"before it (which ends {before[-40:]!r}; it reads "
+                                 f"{after[len(before) - 40:][:80]!r}): labels cannot be placed through this template")
+            reply = full[len(prompt):].rstrip()
+            if turns[k][1].strip() not in reply:
+                raise DataError(f"{where}: the chat template dropped the answer text {turns[k][1]!r} from assistant "
+                                f"turn {k + 1}")
+            ids = self.tokenizer(reply, add_special_tokens=False).input_ids
+            if not ids or ids[-1] not in self.tokenizer.all_special_ids:  # the turn has no closing token: add eos
+                if self.tokenizer.eos_token_id is None:
+                    raise ValueError(f"{where}: the template closes the assistant turn with no special token and the "
+                                     "tokenizer has no eos: the model could never learn to stop")
+                ids = ids + [self.tokenizer.eos_token_id]
+            gap = [] if k == 0 else self.tokenizer(prompt[len(said):], add_special_tokens=False).input_ids
+            first = prompt if k == 0 else first
+            pieces.append((gap, ids))
+            said = prompt + reply
+        return first, pieces
 
-    def encode_prompt(self, image: Image.Image, question: str) -> dict:
-        """Processor output for the prompt (the image expanded into the family's image tokens), batch of 1."""
-        text = self.render(question)
+    def processed_prompt(self, text: str, image: Image.Image) -> dict:
+        """The processor's output for a prompt text (the image expanded into the family's image tokens), batch of
+        1. The tokenizer adds its special tokens (BOS) unless the text already starts with the BOS token, the rule
+        of transformers' `ProcessorMixin.apply_chat_template(tokenize=True)`."""
         bos = self.tokenizer.bos_token
         out = self.processor(text=[text], images=[image], return_tensors="pt",
                              add_special_tokens=not (bos is not None and text.startswith(bos)))
@@ -219,32 +247,42 @@ class HFMLLM:
     def prompt(self, image: Image.Image, question: str) -> dict:
         """A generation prompt: input_ids (T,) and pixel_values = the processor's image tensors and
         token-aligned extras, batch of 1 (data.collate(left=True) batches them)."""
-        out = self.encode_prompt(image, question)
+        out = self.processed_prompt(self.render([(question, None)]), image)
         out.pop("attention_mask", None)
         return {"input_ids": out.pop("input_ids")[0], "pixel_values": out}
 
-    def encode(self, image: Image.Image, question: str, answer: str, max_length: int = 4096,
+    def encode(self, image: Image.Image, turns: list[tuple[str, str]], max_length: int = 2048,
                where: str = "hf_models.encode") -> dict:
-        """One training sample: input_ids (T,), labels (T,) (-100 but on the reply), pixel_values (dict of the
-        processor's image tensors and token-aligned extras, each with a leading batch dim of 1). As data.py,
-        truncation never cuts the prompt (image tokens): it cuts the reply's tail."""
-        prompt = self.prompt(image, question)
-        prompt_ids, images = prompt["input_ids"], prompt["pixel_values"]  # (T_prompt,)
-        reply = self._reply_ids(answer.strip(), question, where)
+        """One training sample of (question, answer) exchanges: input_ids (T,), labels (T,) (-100 but on the
+        replies), pixel_values (dict of the processor's image tensors and token-aligned extras, each with a
+        leading batch dim of 1), prompt_length (the first prompt's tokens). The first prompt goes through the
+        processor, every later piece through the tokenizer alone, so the label boundaries are exact (data.py's
+        piece-wise tokenisation for vicuna_v1). As data.py, truncation never cuts the first prompt (the image
+        tokens): it cuts the tail of the conversation (later turns, then the answer's end)."""
+        text, pieces = self.conversation([(q, a.strip()) for q, a in turns], where)
+        out = self.processed_prompt(text, image)
+        out.pop("attention_mask", None)
+        prompt_ids, images = out.pop("input_ids")[0], out  # (T_prompt,)
+        rest = [token for gap, reply in pieces for token in gap + reply]
+        labelled = [label for gap, reply in pieces for label in [IGNORE_INDEX] * len(gap) + reply]
         room = max_length - len(prompt_ids)
         if room < 1:
             raise DataError(f"{where}: the prompt is {len(prompt_ids)} tokens and leaves no room for an answer "
                             f"token within max_length={max_length}")
-        reply = torch.tensor(reply[:room], dtype=torch.long)  # (T_reply,)
-        input_ids = torch.cat([prompt_ids, reply])  # (T,)
-        labels = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), reply])  # (T,)
-        for key in TOKEN_ALIGNED:  # the reply is text: type 0
+        if len(rest) > room:
+            log.warning("%s: %d tokens after the prompt cut to %d by max_length=%d (the prompt takes %d)", where,
+                        len(rest), room, max_length, len(prompt_ids))
+        input_ids = torch.cat([prompt_ids, torch.tensor(rest[:room], dtype=torch.long)])  # (T,)
+        labels = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX),
+                            torch.tensor(labelled[:room], dtype=torch.long)])  # (T,)
+        added = len(input_ids) - len(prompt_ids)
+        for key in TOKEN_ALIGNED:  # the rest is text: type 0
             if key in images:
-                images[key] = torch.cat([images[key], images[key].new_zeros(1, len(reply))], dim=1)  # (1, T)
+                images[key] = torch.cat([images[key], images[key].new_zeros(1, added)], dim=1)  # (1, T)
         return {"input_ids": input_ids, "labels": labels, "pixel_values": images, "prompt_length": len(prompt_ids)}
 
     # --- the interface's data, generation and saving ------------------------------------------------
-    def dataset(self, records: list[dict], image_folder, max_length: int = 4096, skip_bad_records: bool = False):
+    def dataset(self, records: list[dict], image_folder, max_length: int = 2048, skip_bad_records: bool = False):
         return HFDataset(records, image_folder, self, max_length, skip_bad_records)
 
     def collate(self, items: list[dict], left: bool = False) -> dict:
@@ -278,26 +316,25 @@ class HFMLLM:
 
 
 class HFDataset(torch.utils.data.Dataset):
-    """data.py records -> `HFMLLM.encode` samples (plus id, task, source), tokenised lazily. The cheap checks
-    run for every record first (data.usable_records: structure, one exchange, the template places the answer,
-    the image's header); `skip_bad_records` as data.MultiTaskDataset."""
+    """data.py records (single- or multi-turn) -> `HFMLLM.encode` samples (plus id, task, source), tokenised
+    lazily. The cheap checks run for every record first (data.usable_records: structure, the template places
+    every answer, the image's header); `skip_bad_records` as data.MultiTaskDataset. A prompt's length is known
+    only once the processor has expanded its image, so the first record is encoded up front: a max_length too
+    small for this model's image tokens stops the run before step 1. A later record whose prompt alone exceeds
+    max_length stops the run when it is reached, naming it (an index already scheduled cannot be dropped)."""
 
-    def __init__(self, records: list[dict], image_folder, mllm: HFMLLM, max_length: int = 4096,
+    def __init__(self, records: list[dict], image_folder, mllm: HFMLLM, max_length: int = 2048,
                  skip_bad_records: bool = False):
         self.image_folder, self.mllm, self.max_length = Path(image_folder), mllm, max_length
 
-        def single_exchange(record, where):
+        def checked_turns(record, where):
             turns = conversation_turns(record, where)
-            if len(turns) != 1:
-                raise DataError(f"{where}: {len(turns)} exchanges; the chat-template path trains one question and "
-                                "its answer per record (multi-turn records: LLaVA-1.5 / VILA1.5)")
-            mllm._reply_ids(turns[0][1], turns[0][0], where)  # the template places the answer
-            return turns[0]
+            mllm.conversation(turns, where)  # the template places every answer
+            return turns
 
-        self.records, turns, self.skipped = usable_records(records, self.image_folder, single_exchange,
-                                                           skip_bad_records)
-        self.records = [{**record, "question": question, "answer": answer}
-                        for record, (question, answer) in zip(self.records, turns, strict=True)]
+        self.records, self.turns, self.skipped = usable_records(records, self.image_folder, checked_turns,
+                                                                skip_bad_records)
+        self[0]  # the processor's image tokens against max_length, before any step
 
     def __len__(self) -> int:
         return len(self.records)
@@ -306,6 +343,6 @@ class HFDataset(torch.utils.data.Dataset):
         record = self.records[index]
         where = f"record {index} (id {record.get('id')!r}, source {record.get('source')!r})"
         image = open_image(self.image_folder / record["image"], where)
-        sample = self.mllm.encode(image, record["question"], record["answer"], self.max_length, where)
+        sample = self.mllm.encode(image, self.turns[index], self.max_length, where)
         return {"id": str(record["id"]), "task": record.get("task", ""), "source": record.get("source", ""),
                 **sample}

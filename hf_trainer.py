@@ -26,7 +26,7 @@ same batch (tests/test_hf_trainer.py).
 `nrca`: fields of train.py's TrainConfig that concern the loss (method "nrca" or "full", lam, delta,
 noise_stats, min_open_tokens, nrca_impl, nrca_alignment, seed); the defaults are the paper's. The
 counterparts with state (masks, SPIDER), modality interference, per-epoch evaluation, FSDP2 and resume are
-train.py's: `python train.py --model FOLDER --method ...` runs every method on every model.
+train.py's: `python train.py --model FOLDER --method ...` runs them on every model (README, "Models and methods").
 Trainer divides the returned loss by the gradient-accumulation steps, as train.py does (each micro-batch's
 loss is already its own mean, so it is not re-normalised by token counts).
 

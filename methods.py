@@ -26,6 +26,7 @@ import importlib
 import inspect
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from confidence_kernel import token_confidence
@@ -41,19 +42,20 @@ def model_forward(model, via_hidden: bool | None = None):
     built. A model whose forward takes no `logits_to_keep` (none of the tested families) gets the fallback
     (via_hidden; None: decided by the signature): the base model's (`model.model`) last hidden state at the
     answer rows through `get_output_embeddings()`; it has no logit soft-capping or scaling a family may add in
-    its own head, and it bypasses DDP's forward, so it runs on one rank only."""
+    its own head, and it bypasses DDP's and FSDP2's root forward, so it is refused on several ranks."""
     inner = getattr(model, "module", model)
     if via_hidden is None:
         via_hidden = "logits_to_keep" not in inspect.signature(inner.forward).parameters
+    if via_hidden and (model is not inner or (dist.is_initialized() and dist.get_world_size() > 1)):
+        raise ValueError(f"{type(inner).__name__}.forward takes no logits_to_keep, and the fallback (the base model "
+                         "and lm_head called directly) would bypass DDP's gradient sync and FSDP2's root: run it "
+                         "on one rank")
 
     def forward(attention_mask, logits_mask, input_ids=None, pixel_values=None, inputs_embeds=None):
         images = pixel_values if isinstance(pixel_values, dict) else {"pixel_values": pixel_values}
         if not via_hidden:
             return model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                          logits_to_keep=logits_mask, use_cache=False, **images).logits  # (N, V)
-        if model is not inner:
-            raise ValueError(f"{type(inner).__name__}.forward takes no logits_to_keep, and its fallback would bypass "
-                             "DDP's gradient sync: run it on one rank")
         hidden = inner.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                              use_cache=False, **images).last_hidden_state  # (B, T, H)
         return inner.get_output_embeddings()(hidden[logits_mask])  # (N, H) -> (N, V)

@@ -428,7 +428,8 @@ def freeze_for_finetuning(mllm, tune_last_layers: int = 2, tune_connector: bool 
     mllm.model.requires_grad_(False)
     connector = [p for _, p in mllm.connector_parameters()] if tune_connector else []
     llm = [p for layer in layers[len(layers) - tune_last_layers:] for p in layer.parameters()]
-    vision = list(mllm.vision_tower.parameters()) if tune_vision_tower else []
+    in_connector = {id(p) for p in connector}  # Qwen2-VL's merger lies inside its tower: one group each
+    vision = [p for p in mllm.vision_tower.parameters() if id(p) not in in_connector] if tune_vision_tower else []
     groups = [{"name": "connector", "params": connector}, {"name": "llm", "params": llm},
               {"name": "vision", "params": vision}]
     for group in groups:
@@ -465,7 +466,9 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
 def _load_folder(path: str, dtype, attn_implementation, downsample_order=None) -> MLLM:
     config_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"load_model: {path!r} is neither 'tiny-llava', 'tiny-vila' nor a folder")
+        raise FileNotFoundError(f"load_model: {path!r} is neither a built-in model {BUILT_IN} nor a folder (download "
+                                "the checkpoint first; `python hf_tiny.py NAME FOLDER` writes a tiny Qwen2-VL, "
+                                "Qwen2.5-VL, LLaVA-OneVision or Idefics3 folder)")
     for root, _, files in sorted(os.walk(path)):  # damaged files are named here, not deep inside transformers
         for name in sorted(files):
             if name.endswith("config.json"):

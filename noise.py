@@ -134,7 +134,7 @@ def noisy_mixup_each(
 def noisy_pixel_values(pixel_values, config=None, delta: float = 0.5, stats: str = "image", generator=None):
     """Eq. (2a)-(2b) per image on what a model's vision side receives, whatever its layout: a (B, C, H, W)
     tensor (LLaVA-1.5, VILA1.5: `noisy_mixup`, one row per image), or the dict of a transformers processor's
-    image tensors (models.GenericMLLM) holding the normalised pixels under "pixel_values":
+    image tensors (hf_models.HFMLLM) holding the normalised pixels under "pixel_values":
     - Qwen2-VL / Qwen2.5-VL packed patches (`image_grid_thw`): image i owns prod(image_grid_thw[i]) rows; a
       still image is `temporal_patch_size` equal copies, and its noisy view gets one draw shared by the copies
       (it stays a still image); copies that differ (a video) are refused;
@@ -150,6 +150,9 @@ def noisy_pixel_values(pixel_values, config=None, delta: float = 0.5, stats: str
     images = pixel_values
     pixels = images["pixel_values"]
     out = dict(images)
+    if config is None and ("image_grid_thw" in images or "image_sizes" in images):
+        raise ValueError(f"noise.noisy_pixel_values: packed patches and anyres tiles (keys {sorted(images)}) need the "
+                         "model's config (temporal patch size, grid pinpoints) to find each image's values")
     if "image_grid_thw" in images:  # (sum_i t*h*w, C * T * p * p) packed patches
         vision = config.vision_config
         frames = vision.temporal_patch_size

@@ -15,7 +15,8 @@ Run:
         --train caption:flickr30k=/data/flickr30k.json --train choice:scienceqa=/data/sqa.json \\
         --image-folder /data/images --out-dir runs/llava_nrca
     torchrun --nproc_per_node=8 train.py --preset vila --model /ckpt/VILA1.5-3b ... [--fsdp]
-    python hf_tiny.py tiny-qwen2-vl runs/tiny-qwen2-vl && python train.py --model runs/tiny-qwen2-vl --method l2
+    python hf_tiny.py tiny-qwen2-vl runs/tiny-qwen2-vl && python train.py --model runs/tiny-qwen2-vl --method l2 \\
+        --out-dir runs/qwen-l2
     python train.py --resume --out-dir runs/llava_nrca   # continue from the latest checkpoint
 
 Not here: LoRA, multi-image samples, sequence packing.

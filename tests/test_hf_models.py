@@ -206,10 +206,14 @@ def test_llava15_generic_path_equals_dedicated_path(synthetic_data_dir):
     mllm = models.load_model("tiny-llava")
     generic = hf_tiny.generic_llava(mllm)
     train_records = mixed(synthetic_data_dir)
+    first = train_records[0]  # and a three-exchange record: later turns are text pieces between labelled replies
+    train_records.append({**first, "id": "multi", "conversations": first["conversations"] + [
+        {"from": "human", "value": "And the colour?"}, {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "How many?"}, {"from": "gpt", "value": "two red circles"}]})
     dedicated = data.MultiTaskDataset(train_records, synthetic_data_dir, mllm.tokenizer, mllm.preprocess,
                                       mllm.num_image_tokens, mllm.image_token_id, max_length=256)
     through_template = generic.dataset(train_records, synthetic_data_dir, max_length=256)
-    indices = (0, 1, 4, 5)
+    indices = (0, 1, 4, 5, len(train_records) - 1)
     ours = data.collate([dedicated[i] for i in indices], mllm.pad_token_id)
     theirs = generic.collate([through_template[i] for i in indices])
     assert torch.equal(ours["input_ids"], theirs["input_ids"])
@@ -231,8 +235,8 @@ def test_template_that_does_not_extend_its_prompt_is_rejected():
     mllm = hf_tiny.build("idefics3")
     mllm.processor.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}<image>Q{% else %}A{% endif %}"
                                     "{% endfor %}{% if add_generation_prompt %}GEN:{% endif %}")  # "GEN:" then no "A"
-    with pytest.raises(ValueError, match="does not extend its generation"):
-        mllm.encode(Image.new("RGB", (16, 16)), "q", "a")
+    with pytest.raises(ValueError, match="exchange 1 does not extend"):
+        mllm.encode(Image.new("RGB", (16, 16)), [("q", "a")])
 
 
 def test_connector_override_and_missing_connector():
@@ -260,3 +264,53 @@ def test_merge_images_pads_tiles_and_masks_with_zeros():
     assert packed["pixel_values"].shape == (12, 24) and packed["image_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 4]]
     with pytest.raises(ValueError, match="different image keys"):
         data.merge_images([a, {"pixel_values": torch.ones(1, 3, 8, 8)}])
+
+
+def test_parts_for_fsdp_and_freezing_and_early_errors(synthetic_data_dir):
+    mllm = hf_tiny.build("qwen2_vl")
+    # A connector named by a container (Qwen3-VL's deepstack_merger_list): FSDP2 gets its children, which have a
+    # forward; here Qwen2-VL's vision blocks stand in for such a list.
+    mllm.connector_names = ("visual.blocks",)
+    assert mllm.connector_modules() == list(mllm.model.model.visual.blocks)
+    mllm.connector_names = ()
+    assert mllm.connector_modules() == [mllm.model.model.visual.merger]
+    assert mllm.vision_layers is mllm.model.model.visual.blocks
+    # The merger lies inside Qwen2-VL's tower: with the tower trained too, it is in one optimizer group only.
+    groups = models.freeze_for_finetuning(mllm, tune_last_layers=1, tune_vision_tower=True)
+    ids = [id(p) for group in groups for p in group["params"]]
+    assert len(ids) == len(set(ids)) and [g["name"] for g in groups] == ["connector", "llm", "vision"]
+    torch.optim.AdamW(groups)  # raises if a parameter sat in two groups
+    # A max_length that the processor's image tokens alone exceed stops before step 1, naming it.
+    with pytest.raises(ValueError, match="leaves no room.*max_length=8"):
+        mllm.dataset(mixed(synthetic_data_dir), synthetic_data_dir, max_length=8)
+    # Eq. (2) on packed patches needs the config; the hidden-state fallback refuses a DDP-wrapped model.
+    with pytest.raises(ValueError, match="need the model's config"):
+        noisy_pixel_values({"pixel_values": torch.ones(4, 24), "image_grid_thw": torch.tensor([[1, 2, 2]])})
+    with pytest.raises(ValueError, match="one rank"):
+        model_forward(SimpleNamespace(module=torch.nn.Linear(2, 2)))
+
+
+def test_multi_turn_labels_every_reply_through_the_template(synthetic_data_dir):
+    """Qwen2-VL's ChatML: reply k and its <|im_end|> are labelled, the user turns between them are not, the image
+    is expanded once in the first user turn, and a cut keeps the whole prompt."""
+    mllm = hf_tiny.build("qwen2_vl")
+    image = Image.open(synthetic_data_dir / json.loads((synthetic_data_dir / "train_caption.json").read_text())[0]
+                       ["image"])
+    turns = [("What is shown?", "two red circles"), ("And the colour?", "red"), ("Where?", "on the left")]
+    sample = mllm.encode(image, turns)
+    labelled = sample["labels"] != -100
+    spans, start = [], None  # maximal runs of labelled positions
+    for position, flag in enumerate(labelled.tolist() + [False]):
+        if flag and start is None:
+            start = position
+        elif not flag and start is not None:
+            spans.append(mllm.tokenizer.decode(sample["input_ids"][start:position]))
+            start = None
+    assert spans == [f"{answer}<|im_end|>" for _, answer in turns]
+    text = mllm.tokenizer.decode(sample["input_ids"])
+    assert text.count("<|im_start|>user") == 3 and text.count("<|vision_start|>") == 1
+    assert int(sample["prompt_length"]) == int(labelled.nonzero()[0])
+    single = mllm.encode(image, turns[:1])
+    assert torch.equal(sample["input_ids"][:len(single["input_ids"])], single["input_ids"])
+    cut = mllm.encode(image, turns, max_length=sample["prompt_length"] + 3)
+    assert len(cut["input_ids"]) == sample["prompt_length"] + 3 and int((cut["labels"] != -100).sum()) == 3

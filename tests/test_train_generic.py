@@ -95,11 +95,10 @@ def test_unsupported_method_and_records_are_named(folders, synthetic_data_dir, t
         train.main(settings(folders["tiny-idefics3"], synthetic_data_dir, tmp_path / "mi", method="mi-consistency"))
     mllm = models.load_model(str(folders["tiny-idefics3"]))
     record = json.loads((synthetic_data_dir / "train_caption.json").read_text())[0]
-    two_turns = {**record, "conversations": record["conversations"] + [{"from": "human", "value": "And?"},
-                                                                        {"from": "gpt", "value": "nothing"}]}
-    with pytest.raises(ValueError, match="2 exchanges"):
-        mllm.dataset([two_turns], synthetic_data_dir)
-    assert len(mllm.dataset([two_turns, record], synthetic_data_dir, skip_bad_records=True)) == 1
+    bad = {**record, "id": "bad", "conversations": record["conversations"] + [{"from": "human", "value": "And?"}]}
+    with pytest.raises(ValueError, match="'bad'.*no answer after it"):
+        mllm.dataset([record, bad], synthetic_data_dir)
+    assert len(mllm.dataset([record, bad], synthetic_data_dir, skip_bad_records=True)) == 1
     with pytest.raises(ValueError, match="connector names .'nothing.here'"):
         train.main(settings(folders["tiny-idefics3"], synthetic_data_dir, tmp_path / "c", connector="nothing.here"))
     with pytest.raises(ValueError, match="--connector.*llava model"):
