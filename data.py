@@ -90,7 +90,7 @@ def build_prompt(question: str) -> str:
     return f"{SYSTEM_PROMPT} USER: {IMAGE_PLACEHOLDER}\n{question} ASSISTANT:"
 
 
-def _adds_prefix_space(tokenizer) -> bool:
+def adds_prefix_space(tokenizer) -> bool:
     """True for SentencePiece-style tokenizers (Llama/Vicuna, "▁" metaspace) that put a space in front
     of every separately tokenised piece themselves; byte-level BPE (the tiny models) does not."""
     ids = tokenizer("a", add_special_tokens=False).input_ids
@@ -126,7 +126,7 @@ def _answer_ids(answer: str, tokenizer, where: str) -> list[int]:
         raise DataError(f"{where}: the answer is empty")
     if tokenizer.eos_token_id is None:
         raise DataError(f"{where}: the tokenizer has no eos token (expected '</s>')")
-    answer_text = answer.strip() if _adds_prefix_space(tokenizer) else f" {answer.strip()}"
+    answer_text = answer.strip() if adds_prefix_space(tokenizer) else f" {answer.strip()}"
     return tokenizer(answer_text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
 
 

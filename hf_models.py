@@ -50,7 +50,16 @@ import transformers
 from PIL import Image
 from torch import nn
 
-from data import IGNORE_INDEX, TOKEN_ALIGNED, DataError, collate, conversation_turns, open_image, usable_records
+from data import (
+    IGNORE_INDEX,
+    TOKEN_ALIGNED,
+    DataError,
+    adds_prefix_space,
+    collate,
+    conversation_turns,
+    open_image,
+    usable_records,
+)
 
 # Connector module names per family (model_type -> names matched against parameter names). The LLaVA-NeXT
 # family's learned `image_newline` (ends every row of anyres features) belongs to the connector too.
@@ -218,22 +227,35 @@ class HFMLLM:
                 before, after = (said, prompt) if not prompt.startswith(said) else (prompt, full)
                 raise ValueError(f"{where}: the chat template's text for exchange {k + 1} does not extend the text "
                                  f"before it (which ends {before[-40:]!r}; it reads "
-                                 f"{after[len(before) - 40:][:80]!r}): labels cannot be placed through this template")
+                                 f"{after[max(0, len(before) - 40):][:80]!r}): labels cannot be placed through this "
+                                 "template")
             reply = full[len(prompt):].rstrip()
             if turns[k][1].strip() not in reply:
                 raise DataError(f"{where}: the chat template dropped the answer text {turns[k][1]!r} from assistant "
                                 f"turn {k + 1}")
-            ids = self.tokenizer(reply, add_special_tokens=False).input_ids
+            ids = self.text_ids(reply)
             if not ids or ids[-1] not in self.tokenizer.all_special_ids:  # the turn has no closing token: add eos
                 if self.tokenizer.eos_token_id is None:
                     raise ValueError(f"{where}: the template closes the assistant turn with no special token and the "
                                      "tokenizer has no eos: the model could never learn to stop")
                 ids = ids + [self.tokenizer.eos_token_id]
-            gap = [] if k == 0 else self.tokenizer(prompt[len(said):], add_special_tokens=False).input_ids
+            gap = [] if k == 0 else self.text_ids(prompt[len(said):])
             first = prompt if k == 0 else first
             pieces.append((gap, ids))
             said = prompt + reply
         return first, pieces
+
+    @functools.cached_property
+    def prefix_space(self) -> bool:
+        return adds_prefix_space(self.tokenizer)
+
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of a piece of the conversation after the first prompt. A SentencePiece tokenizer puts its own
+        "▁" before a piece, so a piece's leading space is dropped for it (data.py's rule for vicuna_v1 answers):
+        " two" would otherwise become "▁", "▁two"."""
+        if text.startswith(" ") and self.prefix_space:
+            text = text[1:]
+        return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def processed_prompt(self, text: str, image: Image.Image) -> dict:
         """The processor's output for a prompt text (the image expanded into the family's image tokens), batch of

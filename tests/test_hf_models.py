@@ -16,6 +16,7 @@ from PIL import Image
 
 import data
 import evaluate
+import hf_models
 import hf_tiny
 import models
 import train
@@ -312,5 +313,43 @@ def test_multi_turn_labels_every_reply_through_the_template(synthetic_data_dir):
     assert int(sample["prompt_length"]) == int(labelled.nonzero()[0])
     single = mllm.encode(image, turns[:1])
     assert torch.equal(sample["input_ids"][:len(single["input_ids"])], single["input_ids"])
-    cut = mllm.encode(image, turns, max_length=sample["prompt_length"] + 3)
-    assert len(cut["input_ids"]) == sample["prompt_length"] + 3 and int((cut["labels"] != -100).sum()) == 3
+    # The pieces add up to the processor's own tokens of the whole conversation (but its last "\n", not labelled).
+    whole = mllm.processed_prompt(mllm.render(turns).removesuffix("\n"), image)
+    assert torch.equal(sample["input_ids"], whole["input_ids"][0])
+    assert torch.equal(sample["pixel_values"]["mm_token_type_ids"], whole["mm_token_type_ids"])
+    for extra in (3, 9):  # cut inside reply 1, and inside the user turn after it
+        cut = mllm.encode(image, turns, max_length=sample["prompt_length"] + extra)
+        assert len(cut["input_ids"]) == sample["prompt_length"] + extra
+        assert torch.equal(cut["labels"], sample["labels"][:len(cut["input_ids"])])
+        assert cut["pixel_values"]["mm_token_type_ids"].shape == (1, len(cut["input_ids"]))
+
+
+def test_multi_turn_with_a_template_that_closes_replies_with_no_special_token():
+    """llava-hf's template ends a reply with a space: each reply gets the tokenizer's eos, labelled, mid-conversation
+    too (vicuna_v1's "</s>USER:")."""
+    generic = hf_tiny.generic_llava(models.load_model("tiny-llava"))
+    generic.processor.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}{% if c['type'] == "
+        "'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% else %}ASSISTANT: "
+        "{% for c in m['content'] %}{{ c['text'] }}{% endfor %} {% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    turns = [("What is shown?", "two red circles"), ("And the colour?", "red")]
+    sample = generic.encode(Image.new("RGB", (48, 48)), turns)
+    eos = generic.tokenizer.eos_token_id
+    assert int((sample["input_ids"] == eos).sum()) == 2 and int(sample["input_ids"][-1]) == eos
+    labelled = sample["input_ids"][sample["labels"] != -100]
+    assert generic.tokenizer.decode(labelled).replace("</s>", "|").split("|")[:2] == [" two red circles", " red"]
+
+
+def test_pieces_after_the_first_prompt_get_no_lone_prefix_piece(tmp_path):
+    """A SentencePiece tokenizer puts its own "▁" before a piece: " two red" must not become "▁", "▁two"."""
+    from conftest import write_sentencepiece_folder
+
+    write_sentencepiece_folder(tmp_path)
+    tokenizer = models._load_tokenizer(str(tmp_path))
+    adapter = hf_models.HFMLLM(model=None, processor=SimpleNamespace(tokenizer=tokenizer))
+    assert adapter.text_ids(" two red") == tokenizer("two red", add_special_tokens=False).input_ids
+    assert tokenizer.convert_ids_to_tokens(adapter.text_ids(" two red"))[0] != "▁"
+    assert tokenizer.convert_ids_to_tokens(tokenizer(" two red", add_special_tokens=False).input_ids)[0] == "▁"
+    qwen = hf_tiny.build("qwen2_vl")  # byte-level BPE: the space is part of the word, kept
+    assert qwen.text_ids(" two") == qwen.tokenizer(" two", add_special_tokens=False).input_ids != qwen.text_ids("two")
