@@ -438,6 +438,13 @@ def open_image(path: Path, where: str, header_only: bool = False) -> Image.Image
         raise DataError(f"{where}: image {path} cannot be read: {error}") from None
 
 
+def record_name(index: int, record) -> str:
+    """How errors name a training dataset's record: its position, id and source dataset."""
+    if not isinstance(record, dict):
+        return f"record {index}"
+    return f"record {index} (id {record.get('id')!r}, source {record.get('source')!r})"
+
+
 def usable_records(records, image_folder, prepare, skip_bad_records: bool = False):
     """The eager checks every training dataset runs before the first step: each record's structure
     (validate_record), `prepare(record, where)` (tokenisation: raises DataError for a bad record, returns what
@@ -446,8 +453,7 @@ def usable_records(records, image_folder, prepare, skip_bad_records: bool = Fals
     left out and logged, and the messages are returned. No usable record at all is an error either way."""
     kept, prepared, skipped = [], [], []
     for index, record in enumerate(records):
-        where = (f"record {index} (id {record.get('id')!r}, source {record.get('source')!r})"
-                 if isinstance(record, dict) else f"record {index}")
+        where = record_name(index, record)
         try:
             validate_record(record, where)
             value = prepare(record, where)
@@ -509,7 +515,7 @@ class MultiTaskDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
-        where = f"record {index} (id {record.get('id')!r}, source {record.get('source')!r})"
+        where = record_name(index, record)
         input_ids, labels = assemble_turns(*self.pieces[index], self.num_image_tokens, self.image_token_id,
                                            self.max_length, where)
         image = open_image(self.image_folder / record["image"], where)

@@ -58,6 +58,7 @@ from data import (
     collate,
     conversation_turns,
     open_image,
+    record_name,
     usable_records,
 )
 
@@ -258,33 +259,37 @@ class HFMLLM:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def processed_prompt(self, text: str, image: Image.Image) -> dict:
-        """The processor's output for a prompt text (the image expanded into the family's image tokens), batch of
-        1. The tokenizer adds its special tokens (BOS) unless the text already starts with the BOS token, the rule
-        of transformers' `ProcessorMixin.apply_chat_template(tokenize=True)`."""
+        """A prompt text through the processor (the image expanded into the family's image tokens): input_ids
+        (T,) and pixel_values = the processor's image tensors and token-aligned extras, batch of 1
+        (data.collate batches them). The tokenizer adds its special tokens (BOS) unless the text already starts
+        with the BOS token, the rule of transformers' `ProcessorMixin.apply_chat_template(tokenize=True)`."""
         bos = self.tokenizer.bos_token
-        out = self.processor(text=[text], images=[image], return_tensors="pt",
-                             add_special_tokens=not (bos is not None and text.startswith(bos)))
-        return dict(out)
-
-    def prompt(self, image: Image.Image, question: str) -> dict:
-        """A generation prompt: input_ids (T,) and pixel_values = the processor's image tensors and
-        token-aligned extras, batch of 1 (data.collate(left=True) batches them)."""
-        out = self.processed_prompt(self.render([(question, None)]), image)
+        out = dict(self.processor(text=[text], images=[image], return_tensors="pt",
+                                  add_special_tokens=not (bos is not None and text.startswith(bos))))
         out.pop("attention_mask", None)
         return {"input_ids": out.pop("input_ids")[0], "pixel_values": out}
 
+    def prompt(self, image: Image.Image, question: str) -> dict:
+        """A generation prompt (processed_prompt of the question with the template's generation prompt)."""
+        return self.processed_prompt(self.render([(question, None)]), image)
+
     def encode(self, image: Image.Image, turns: list[tuple[str, str]], max_length: int = 2048,
                where: str = "hf_models.encode") -> dict:
-        """One training sample of (question, answer) exchanges: input_ids (T,), labels (T,) (-100 but on the
-        replies), pixel_values (dict of the processor's image tensors and token-aligned extras, each with a
-        leading batch dim of 1), prompt_length (the first prompt's tokens). The first prompt goes through the
-        processor, every later piece through the tokenizer alone, so the label boundaries are exact (data.py's
-        piece-wise tokenisation for vicuna_v1). As data.py, truncation never cuts the first prompt (the image
-        tokens): it cuts the tail of the conversation (later turns, then the answer's end)."""
+        """One training sample of (question, answer) exchanges (see encode_conversation)."""
         text, pieces = self.conversation([(q, a.strip()) for q, a in turns], where)
-        out = self.processed_prompt(text, image)
-        out.pop("attention_mask", None)
-        prompt_ids, images = out.pop("input_ids")[0], out  # (T_prompt,)
+        return self.encode_conversation(image, text, pieces, max_length, where)
+
+    def encode_conversation(self, image: Image.Image, text: str, pieces: list, max_length: int = 2048,
+                            where: str = "hf_models.encode") -> dict:
+        """A conversation (`conversation`'s first prompt text and pieces) with its image -> input_ids (T,),
+        labels (T,) (-100 but on the replies), pixel_values (dict of the processor's image tensors and
+        token-aligned extras, each with a leading batch dim of 1), prompt_length (the first prompt's tokens). The
+        first prompt goes through the processor, every later piece through the tokenizer alone, so the label
+        boundaries are exact (data.py's piece-wise tokenisation for vicuna_v1). As data.py, truncation never
+        cuts the first prompt (the image tokens): it cuts the tail of the conversation (later turns, then the
+        answer's end)."""
+        prompt = self.processed_prompt(text, image)
+        prompt_ids, images = prompt["input_ids"], prompt["pixel_values"]  # (T_prompt,)
         rest = [token for gap, reply in pieces for token in gap + reply]
         labelled = [label for gap, reply in pieces for label in [IGNORE_INDEX] * len(gap) + reply]
         room = max_length - len(prompt_ids)
@@ -338,24 +343,24 @@ class HFMLLM:
 
 
 class HFDataset(torch.utils.data.Dataset):
-    """data.py records (single- or multi-turn) -> `HFMLLM.encode` samples (plus id, task, source), tokenised
-    lazily. The cheap checks run for every record first (data.usable_records: structure, the template places
-    every answer, the image's header); `skip_bad_records` as data.MultiTaskDataset. A prompt's length is known
-    only once the processor has expanded its image, so the first record is encoded up front: a max_length too
-    small for this model's image tokens stops the run before step 1. A later record whose prompt alone exceeds
-    max_length stops the run when it is reached, naming it (an index already scheduled cannot be dropped)."""
+    """data.py records (single- or multi-turn) -> `HFMLLM.encode` samples (plus id, task, source). Every
+    record's conversation goes through the template (and its text pieces through the tokenizer) once, up front,
+    with the other cheap checks (data.usable_records: structure, the template places every answer, the image's
+    header); the image and its prompt are processed lazily. `skip_bad_records` as data.MultiTaskDataset. A
+    prompt's length is known only once the processor has expanded its image, so the first record is encoded up
+    front: a max_length too small for this model's image tokens stops the run before step 1. A later record
+    whose prompt alone exceeds max_length stops the run when it is reached, naming it (an index already
+    scheduled cannot be dropped)."""
 
     def __init__(self, records: list[dict], image_folder, mllm: HFMLLM, max_length: int = 2048,
                  skip_bad_records: bool = False):
         self.image_folder, self.mllm, self.max_length = Path(image_folder), mllm, max_length
 
-        def checked_turns(record, where):
-            turns = conversation_turns(record, where)
-            mllm.conversation(turns, where)  # the template places every answer
-            return turns
+        def through_template(record, where):  # the template places every answer; kept for __getitem__
+            return mllm.conversation(conversation_turns(record, where), where)
 
-        self.records, self.turns, self.skipped = usable_records(records, self.image_folder, checked_turns,
-                                                                skip_bad_records)
+        self.records, self.conversations, self.skipped = usable_records(records, self.image_folder,
+                                                                        through_template, skip_bad_records)
         self[0]  # the processor's image tokens against max_length, before any step
 
     def __len__(self) -> int:
@@ -363,8 +368,8 @@ class HFDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
-        where = f"record {index} (id {record.get('id')!r}, source {record.get('source')!r})"
+        where = record_name(index, record)
         image = open_image(self.image_folder / record["image"], where)
-        sample = self.mllm.encode(image, self.turns[index], self.max_length, where)
+        sample = self.mllm.encode_conversation(image, *self.conversations[index], self.max_length, where)
         return {"id": str(record["id"]), "task": record.get("task", ""), "source": record.get("source", ""),
                 **sample}

@@ -315,8 +315,8 @@ def test_multi_turn_labels_every_reply_through_the_template(synthetic_data_dir):
     assert torch.equal(sample["input_ids"][:len(single["input_ids"])], single["input_ids"])
     # The pieces add up to the processor's own tokens of the whole conversation (but its last "\n", not labelled).
     whole = mllm.processed_prompt(mllm.render(turns).removesuffix("\n"), image)
-    assert torch.equal(sample["input_ids"], whole["input_ids"][0])
-    assert torch.equal(sample["pixel_values"]["mm_token_type_ids"], whole["mm_token_type_ids"])
+    assert torch.equal(sample["input_ids"], whole["input_ids"])
+    assert torch.equal(sample["pixel_values"]["mm_token_type_ids"], whole["pixel_values"]["mm_token_type_ids"])
     for extra in (3, 9):  # cut inside reply 1, and inside the user turn after it
         cut = mllm.encode(image, turns, max_length=sample["prompt_length"] + extra)
         assert len(cut["input_ids"]) == sample["prompt_length"] + extra
