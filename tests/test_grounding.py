@@ -4,6 +4,7 @@ testbed's validation split.
     python -m pytest -q tests/test_grounding.py
 """
 
+import itertools
 import json
 
 import pytest
@@ -51,18 +52,105 @@ def test_words_match_whole():
     assert grounding.named_values("an enlarged red drawing")["size"] == set()
 
 
+def test_every_scene_every_phrasing_scores_all_right():
+    """All 360 scenes of the world, each in the five reference phrasings and the three pre-training ones: every
+    attribute right, no detail; the same caption with its scene's detail appended stays all right and counts as
+    fabricated and as a detail word (the detail costs once, not also an attribute)."""
+    for values in itertools.product(*testbed.ATTRIBUTES.values()):
+        scene = dict(zip(testbed.ATTRIBUTES, values, strict=True))
+        pretrain = [testbed._fill(t, scene) for t in testbed.PRETRAIN_CAPTIONS]
+        for caption in testbed.scene_captions(scene) + pretrain:
+            row = grounding.score_caption(caption, scene)
+            assert row["all"] and not row["fabricated"] and not row["detail_word"], caption
+            detailed = grounding.score_caption(caption + " " + testbed.detail_of(scene), scene)
+            assert detailed["all"] and detailed["fabricated"] and detailed["detail_word"], caption
+
+
+def test_a_negated_value_is_not_named():
+    # The negator takes back the first value word within 3 words: "not blue", "no large", "not on the right".
+    assert grounding.score_caption("two small red circles , not blue ones , on the left", SCENE)["all"]
+    assert grounding.score_caption("two small red circles on the left and not on the right", SCENE)["all"]
+    assert grounding.score_caption("two red circles on the left , no large ones but small", SCENE)["all"]
+    assert grounding.named_values("the circles aren't blue")["colour"] == set()  # "n't" is "not"
+    assert grounding.named_values("never purple, without a green border")["colour"] == set()
+    # Only the first value after it, and not across punctuation or beyond 3 words.
+    assert grounding.named_values("no large red circles")["colour"] == {"red"}
+    assert grounding.named_values("no , blue")["colour"] == {"blue"}
+    assert grounding.named_values("not that one but the blue")["colour"] == {"blue"}  # "one" is taken back
+
+
+def test_digits_and_number_words_are_counts_and_the_article_is_not():
+    assert grounding.score_caption("2 small red circles on the left", SCENE)["all"]
+    assert grounding.named_values("a single red circle")["count"] == {"one"}
+    assert grounding.named_values("a pair of red circles")["count"] == {"two"}
+    assert grounding.named_values("3 squares")["count"] == {"three"}
+    # "a" is never "one": the reference "a picture with two ..." names two only.
+    assert grounding.named_values("a picture with two small red circles on its left side")["count"] == {"two"}
+    # A count no picture has makes the count wrong, even next to the right one.
+    assert not grounding.score_caption("4 small red circles on the left", SCENE)["count"]
+    assert not grounding.score_caption("two small red circles on the left , or 12", SCENE)["count"]
+    assert not grounding.score_caption("two or four small red circles on the left", SCENE)["count"]
+
+
+def test_synonyms_of_one_value():
+    assert grounding.score_caption("two tiny red circles on the left", SCENE)["all"]
+    assert grounding.score_caption("two little red circular shapes on the left", SCENE)["all"]
+    big = grounding.score_caption("two big red circles on the left", SCENE)
+    assert not big["size"] and big["prior_size_named"] is True  # "big" is the prior's "large"
+    assert grounding.named_values("huge violet triangular shapes in the upper half")["size"] == {"large"}
+    assert grounding.named_values("huge violet triangular shapes in the upper half")["colour"] == {"purple"}
+    assert grounding.named_values("huge violet triangular shapes in the upper half")["shape"] == {"triangle"}
+    assert grounding.named_values("huge violet triangular shapes in the upper half")["position"] == {"top"}
+    assert grounding.named_values("in the lower part")["position"] == {"bottom"}
+    # Still whole words: "bigger" is no size, "ones" no count.
+    assert grounding.named_values("bigger ones")["size"] == set() == grounding.named_values("ones")["count"]
+
+
+def test_attribute_words_in_a_detail_phrase_are_the_details():
+    """NRCA's broken details: the attribute word inside belongs to the detail, which counts once (detail word)."""
+    row = grounding.score_caption("two small red circles on the left near the right of the school", SCENE)
+    assert row["all"] and row["detail_word"] and not row["fabricated"]  # broken: no whole detail
+    right = {**SCENE, "position": "right"}
+    row = grounding.score_caption("two small red circles on the right of the picture near the right of the school",
+                                  right)
+    assert row["all"] and row["detail_word"]
+    # The comma ends the phrase: "side left" is the caption's position.
+    assert grounding.named_values("two small red circles on the kitchen ones , side left")["position"] == {"left"}
+    # The phrase starts at the lead nearest the noun, so a position before the detail is read.
+    row = grounding.score_caption("two small red circles on the right near the kitchen window", SCENE)
+    assert not row["position"] and row["fabricated"] and row["detail_word"]
+    # An adjective of a detail starts no phrase: the colour after it is read, and it is a detail word.
+    row = grounding.score_caption("on the left , two small bright red circles", SCENE)
+    assert row["all"] and row["detail_word"]
+    # A detail's function words alone are no detail word (scripts/study_report.py's detail_words() counted them).
+    assert not grounding.has_detail_word("two small red circles near the left of the picture")
+    assert grounding.has_detail_word("TWO SMALL RED CIRCLES ON THE SCHOOL.")
+
+
+def test_compounds_name_each_part_and_agreement_is_not_graded():
+    # Hyphenated or not, "top left" names two sides; the picture has one.
+    for caption in ("two small red circles in the top-left corner", "two small red circles in the top left"):
+        assert grounding.named_values(caption)["position"] == {"top", "left"}
+        assert not grounding.score_caption(caption, SCENE)["position"]
+    assert grounding.score_caption("two small red circles on the left-hand side", SCENE)["all"]
+    # Number agreement is grammar, not a fact about the picture: the facts said are right, so it passes.
+    assert grounding.score_caption("two small red circle on the left", SCENE)["all"]
+    assert grounding.score_caption("one small red circles on the left", {**SCENE, "count": "one"})["all"]
+
+
 def test_split_scores_by_hand():
     """Four captions of SCENE: all right; colour wrong; prior size + detail; empty.
     all right 1/4 = 25 %; colour right 2/4 = 50 % (b and d not); shape, count, position 3/4 = 75 % (d not);
-    size right 2/4 = 50 % (c and d not); fabricated 1/4 = 25 %; size prior named 1/4 = 25 % (every picture
-    contradicts the prior)."""
+    size right 2/4 = 50 % (c and d not); fabricated 1/4 = 25 % and detail word 1/4 = 25 % (c: "rainy", "day");
+    size prior named 1/4 = 25 % (every picture contradicts the prior)."""
     predictions = {"a": "there are two small red circles on the left of the picture",
                    "b": "there are two small blue circles on the left of the picture",
                    "c": "two large red circles can be seen on the left on a rainy day", "d": ""}
     scores = grounding.grounded_scores(predictions, dict.fromkeys(predictions, SCENE))
     assert scores == {"grounded_colour": 50.0, "grounded_shape": 75.0, "grounded_count": 75.0,
                       "grounded_position": 75.0, "grounded_size": 50.0, "grounded_all": 25.0,
-                      "grounded_fabricated": 25.0, "grounded_size_prior": 25.0, "n_grounded": 4}
+                      "grounded_fabricated": 25.0, "grounded_detail_word": 25.0, "grounded_size_prior": 25.0,
+                      "n_grounded": 4}
     # Rephrasing every caption leaves every score unchanged (CIDEr would not).
     rephrased = {"a": "on the left of this image there are two small red circles",
                  "b": "a picture with two small blue circles on its left side",
