@@ -45,6 +45,8 @@ Run:
     python evaluate.py table runs/nrca runs/full_ft --zero-shot runs/zero-shot   # Table 4 layout
     python evaluate.py plot runs/nrca runs/full_ft --out fig1.png                # Fig. 1 curves
     python evaluate.py score predictions_caption.jsonl data/synthetic/test_caption.json
+    python evaluate.py confidence-gap RUN_OR_MODEL [--train TASK:NAME=PATH ...] [--delta 0.5 ...] [--limit N]
+                                                         # is the model less sure on the noisy view? (confidence_gap.py)
 """
 
 from __future__ import annotations
@@ -593,7 +595,9 @@ def _first_record(path: str):
 
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"table": main_table, "plot": main_plot, "score": main_score}
+    import confidence_gap
+
+    commands = {"table": main_table, "plot": main_plot, "score": main_score, "confidence-gap": confidence_gap.main}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     return main_evaluate(argv)

@@ -176,12 +176,14 @@ class NRCA(Method):
 
 class NoisyAugmentedPretraining(Method):
     """The testbed's base-model stage (testbed.py): plain CE, but each image is, with probability 1/2,
-    replaced by a Noisy Visual Mixup view (Eq. 2b) with its own delta drawn from U(0, 0.6). A real MLLM's
-    tower has seen degraded pictures in pre-training; a tiny one trained on clean pictures only reads a
-    delta = 0.5 view no better than pure noise, and NRCA's noisy branch would then carry no picture at all."""
+    replaced by a Noisy Visual Mixup view (Eq. 2b) with its own delta drawn from U(0, D), D =
+    cfg.base_noise_max_delta (train.py --base-noise-max-delta). The dial sets how the base reads NRCA's noisy view:
+    a real MLLM's tower has seen degraded pictures in pre-training; a tiny one trained on clean pictures only
+    (D = 0: the draws still happen, but every view is the clean picture, bit for bit) reads a delta = 0.5 view
+    much worse, while with D = 0.6 it is as confident on that view as on the clean picture (the first testbed
+    study's base, README)."""
 
     name = "pretrain"
-    max_delta = 0.6
 
     def loss(self, forward, batch):
         pixels = batch["pixel_values"]  # (B, C, H, W)
@@ -191,7 +193,8 @@ class NoisyAugmentedPretraining(Method):
         generator.manual_seed(int(batch["noise_seed"]))
         pure_noise = noisy_mixup(pixels, delta=1.0, stats="image", generator=generator)  # N(mu, sigma^2) per image
         shape = (pixels.shape[0],) + (1,) * (pixels.dim() - 1)
-        delta = torch.rand(shape, generator=generator, device=pixels.device) * self.max_delta  # (B, 1, 1, 1)
+        max_delta = float(self.cfg.base_noise_max_delta)
+        delta = torch.rand(shape, generator=generator, device=pixels.device) * max_delta  # (B, 1, 1, 1)
         delta = delta * (torch.rand(shape, generator=generator, device=pixels.device) < 0.5)
         augmented = delta * pure_noise + (1 - delta) * pixels  # Eq. (2b) with a per-image delta
         _, nll, mask = self.token_stats(forward, batch, pixel_values=augmented)

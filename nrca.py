@@ -40,14 +40,20 @@ Two entry points:
 
 Beyond the paper (off by default; `alignment=`, train.py --nrca-alignment). With I and CE detached, Eq. (5b)'s
 gradient is lam * sg(CE) / sg(I) * sign(I~ - I) * dI~: its size does not depend on the gap I~ - I and grows as I
-falls, its sign flips with the gap. On the testbed this push dominates the CE gradient from the first steps and
-Eq. (5b) diverges on 7 of 10 seeds (README, "The testbed"). Three variants, each aimed at one part of that
-mechanism, were defined before any of them ran (scripts/testbed_study.py); measured there, all three are stable
-(0 of 10 seeds diverge) and none gets more captions right than Full FT:
+falls, its sign flips with the gap. Appendix C (Eq. 8-10) argues for the term assuming I >= I~ (the noisy view
+is the less confident one); there Eq. (5b) only pulls I~ up. Where I~ > I it pushes I~ *down*, a regime the
+paper does not discuss. On the first testbed study, whose base was as confident on the noisy view as on the
+clean one, this push dominated the CE gradient from the first steps and Eq. (5b) diverged on 7 of 10 seeds
+(README, "The testbed"). Four variants, each defined before any of its runs (scripts/testbed_study.py,
+scripts/gap_study.py):
     "squared"             1/2 (1 - I~/sg(I))^2 * sg(CE)   gradient proportional to the gap (0 when aligned)
     "difference"          |sg(I) - I~| * sg(CE)           no 1/I amplification, constant size as Eq. (5b)
     "squared-difference"  1/2 (sg(I) - I~)^2 * sg(CE)     both
-The paper's Eq. (5b) ("paper") stays the default and exact.
+    "hinge"               max(0, 1 - I~/sg(I)) * sg(CE)   Eq. (5b) restricted to Appendix C's regime I~ < I: the
+                                                          same value and gradient there, zero where I~ >= I (the
+                                                          paper's one-sided reading; no downward push)
+The paper's Eq. (5b) ("paper") stays the default and exact. `sample_confidences` gives the per-sample I, I~ and
+the open-sample mask that Eq. (5b) reads (evaluate.py confidence-gap measures a model's gap with it).
 
 Not done here: building the noisy view (noise.py, Eq. 2) and running the model (methods.py).
 
@@ -63,7 +69,7 @@ import torch
 from confidence_kernel import token_confidence
 
 IGNORE_INDEX = -100
-ALIGNMENTS = ("paper", "squared", "difference", "squared-difference")  # Eq. (5b), then the variants above
+ALIGNMENTS = ("paper", "squared", "difference", "squared-difference", "hinge")  # Eq. (5b), then the variants
 
 
 @dataclass
@@ -96,6 +102,25 @@ def answer_mean(values: torch.Tensor, label_mask: torch.Tensor) -> tuple[torch.T
     return mean, count > 0
 
 
+def sample_confidences(confidence: torch.Tensor, noisy_confidence: torch.Tensor, label_mask: torch.Tensor,
+                       min_open_tokens: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample I and I~ (Eq. 4) and which samples are open-response with a defined ratio I~ / I.
+
+    confidence, noisy_confidence: (B, T) per-token p_t and p~_t; label_mask: (B, T) bool answer tokens.
+    Returns `(I (B,), I~ (B,), is_open (B,) bool)`: open = at least `min_open_tokens` answer tokens (the released
+    code's `> 2` label tokens) and I at least the smallest normal number of its dtype (see the module docstring).
+    """
+    _check_grid("confidence", confidence, label_mask)
+    _check_grid("noisy_confidence", noisy_confidence, label_mask)
+    if int(min_open_tokens) != min_open_tokens or min_open_tokens < 1:
+        raise ValueError(f"nrca: min_open_tokens must be an integer >= 1, got {min_open_tokens}")
+    clean_confidence, _ = answer_mean(confidence, label_mask)  # (B,) Eq. (4): I
+    noisy_mean_confidence, _ = answer_mean(noisy_confidence, label_mask)  # (B,) Eq. (4): I~
+    n_tokens = label_mask.sum(dim=1)  # (B,)
+    defined = clean_confidence.detach() >= torch.finfo(clean_confidence.dtype).tiny  # (B,)
+    return clean_confidence, noisy_mean_confidence, (n_tokens >= min_open_tokens) & defined
+
+
 def nrca_objective(
     nll: torch.Tensor,
     confidence: torch.Tensor,
@@ -118,38 +143,36 @@ def nrca_objective(
     alignment: "paper" (Eq. 5b) or one of the variants beyond the paper (module docstring).
     """
     _check_grid("nll", nll, label_mask)
-    _check_grid("confidence", confidence, label_mask)
-    _check_grid("noisy_confidence", noisy_confidence, label_mask)
     lam = float(lam)
     if not lam >= 0.0 or lam == float("inf"):
         raise ValueError(f"nrca.nrca_objective: lam must be a finite number >= 0, got {lam}")
     if alignment not in ALIGNMENTS:
         raise ValueError(f"nrca.nrca_objective: alignment must be one of {ALIGNMENTS}, got {alignment!r}")
-    if int(min_open_tokens) != min_open_tokens or min_open_tokens < 1:
-        raise ValueError(f"nrca.nrca_objective: min_open_tokens must be an integer >= 1, got {min_open_tokens}")
 
     ce_per_sample, has_answer = answer_mean(nll, label_mask)  # (B,), (B,) Eq. (5a)
-    clean_confidence, _ = answer_mean(confidence, label_mask)  # (B,) Eq. (4): I
-    noisy_mean_confidence, _ = answer_mean(noisy_confidence, label_mask)  # (B,) Eq. (4): I~
+    # Eq. (4): I and I~; open-response samples (the released code's `> 2` label tokens) with a defined ratio
+    # I~ / I: I below the smallest normal float32 (0 after underflow, or subnormal) is left out, see docstring.
+    clean_confidence, noisy_mean_confidence, is_open = sample_confidences(confidence, noisy_confidence, label_mask,
+                                                                          min_open_tokens)
     clean_confidence = clean_confidence.detach()  # sg(I): Eq. (5b), Appendix C Eq. (8)-(9)
 
     # Eq. (6), first term: mean over the samples that have an answer token.
     n_answered = has_answer.sum()  # ()
     ce = torch.where(has_answer, ce_per_sample, 0.0).sum() / n_answered.clamp(min=1)  # ()
 
-    # Open-response samples (the released code's `> 2` label tokens), with a defined ratio I~ / I:
-    # I below the smallest normal float32 (0 after underflow, or subnormal) is left out, see docstring.
-    n_tokens = label_mask.sum(dim=1)  # (B,)
-    defined = clean_confidence >= torch.finfo(clean_confidence.dtype).tiny  # (B,)
-    is_open = (n_tokens >= min_open_tokens) & defined  # (B,)
     # Division by 1 where the term is not used, so no inf/NaN is created even in the unused branch
     # (a NaN there would still reach the gradient through torch.where's backward).
     safe_clean = torch.where(is_open, clean_confidence, 1.0)  # (B,)
-    if alignment in ("paper", "squared"):
+    if alignment in ("paper", "squared", "hinge"):
         gap = 1.0 - noisy_mean_confidence / safe_clean  # (B,) 1 - I~ / sg(I)
     else:
         gap = safe_clean - noisy_mean_confidence  # (B,) sg(I) - I~
-    gap = gap.abs() if alignment in ("paper", "difference") else 0.5 * gap.square()  # (B,)
+    if alignment in ("paper", "difference"):
+        gap = gap.abs()  # Eq. (5b): |1 - I~ / sg(I)|
+    elif alignment == "hinge":
+        gap = torch.where(gap > 0, gap, 0.0)  # max(0, 1 - I~ / sg(I)): Eq. (5b) where I~ < I; 0, no gradient, else
+    else:
+        gap = 0.5 * gap.square()  # (B,)
     alignment_per_sample = gap * ce_per_sample.detach()  # (B,) Eq. (5b) (or a variant), times sg(CE)
     n_open = is_open.sum()  # ()
     alignment_term = torch.where(is_open, alignment_per_sample, 0.0).sum() / n_open.clamp(min=1)  # ()

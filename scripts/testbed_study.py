@@ -7,7 +7,8 @@ and committed before any of these runs started (git log of this file). Nothing h
     python scripts/testbed_study.py run budget     # 4. equal tuning budget: the grid on the validation split
     python scripts/testbed_study.py run budget-test   # 4. then the paper's and the chosen setting on the test split
     python scripts/testbed_study.py run zero-shot  # the base models before fine-tuning, test split (a reference row)
-    python scripts/testbed_study.py report         # every table and figure -> OUT/results.md
+    python scripts/testbed_study.py collect        # part 1's raw results -> results/testbed_study.jsonl
+    python scripts/study_report.py                 # every table, from results/*.jsonl -> runs/study_report.md
     (--out runs/study by default; --workers 2: runs in parallel, one thread each; resumable: a finished run is
     kept, an interrupted one resumes)
 
@@ -34,7 +35,9 @@ The protocol, common to every run:
 1. seeds: Full FT and NRCA (lam 2, delta 0.5, Eq. 5b as published) at the testbed's lr (1e-3, connector = LLM),
    seeds 0-9. Reported on the test split, last epoch: mean ± std, the paired difference NRCA - Full FT per seed
    with a 95 % bootstrap interval (10,000 resamples of the seeds, percentile), the divergence rate of each.
-   NRCA is "unstable as published" if it diverges on at least one of the ten seeds.
+   NRCA is "unstable as published" if it diverges on at least one of the ten seeds. (Changed after the study, in
+   the second one's commit: this decision, which starts part 3, reads the validation split; the test split is read
+   for the report only.)
 2. map: seeds 0-4, validation split, last epoch; divergence rate and grounded scores per cell.
    lr arms, Full FT and NRCA each:  lr-1e-3 (LLM 1e-3, connector 1e-3: the testbed's, = part 1),
                                     lr-3e-4 (3e-4, 3e-4), lr-1e-4 (1e-4, 1e-4),
@@ -236,8 +239,9 @@ def execute(out: Path, job: Job) -> float:
 
 
 def unstable_as_published(out: Path) -> bool:
-    """Part 1's rule: NRCA at the paper's settings diverges on at least one of the ten seeds (test split)."""
-    found = [final_test(run_folder(out, Job(NRCA, s, True, True))) for s in SEEDS]
+    """Part 1's rule for running part 3: NRCA at the paper's settings diverges on at least one of the ten seeds.
+    A decision, so it reads the validation split (the last per-epoch evaluation), never the test split."""
+    found = [final_val(run_folder(out, Job(NRCA, s, True, True))) for s in SEEDS]
     if not all(found):
         raise RuntimeError("variants: part 1 (seeds) has not finished; run `run seeds` first")
     return any(diverged(result) for result in found)
@@ -260,7 +264,7 @@ def zero_shot(out: Path) -> None:
 def run_part(out: Path, part: str, workers: int) -> None:
     if part == "zero-shot":
         return zero_shot(out)
-    if part == "variants" and not unstable_as_published(out):
+    if part == "variants" and not unstable_as_published(out):  # decided on the validation split
         print("variants: NRCA diverged on none of the ten seeds of part 1, so, as fixed in advance, they do not run")
         return
     jobs = [job for job in part_jobs(part, out) if not job_done(out, job)]
@@ -279,13 +283,109 @@ def run_part(out: Path, part: str, workers: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Raw results: one JSON line per run, committed under results/ (study_report.py computes every table from them)
+
+RESULTS = REPO / "results" / "testbed_study.jsonl"
+SCORES = ("cider", "accuracy", "grounded_all", "grounded_fabricated", "grounded_detail_word", "grounded_size_prior",
+          "grounded_colour", "grounded_shape", "grounded_count", "grounded_position", "grounded_size", "n_caption",
+          "n_choice")
+RUN_SETTINGS = ("method", "nrca_alignment", "lam", "delta", "lr_llm", "lr_connector", "base_noise_max_delta",
+                "reg_lam", "mask_ratio")
+
+
+def rescored(result: dict, evaluation: Path, records_path: Path) -> dict:
+    """`result`'s scores (SCORES only), its grounded ones recomputed with today's grounding.py from the captions
+    the evaluation wrote (EVALUATION/predictions_caption.jsonl) against the split's scenes; as written where the
+    captions were not kept."""
+    import evaluate
+
+    scores = {key: result[key] for key in SCORES if key in result}
+    if "nonfinite" in result:
+        return {"nonfinite": result["nonfinite"]}
+    captions = evaluation / "predictions_caption.jsonl"
+    if captions.is_file() and records_path.is_file():
+        records = json.loads(records_path.read_text())
+        regrounded = evaluate.grounded(evaluate.read_predictions(captions), records)
+        scores |= {key: value for key, value in regrounded.items() if key in SCORES}
+    return scores
+
+
+def training_diagnostics(folder: Path) -> list[dict]:
+    """Per epoch, NRCA's logged means over its steps: clean confidence I and noisy I~ of the open samples, the share
+    with I~ > I, CE and the alignment term (empty for other methods)."""
+    steps = []
+    metrics = folder / "metrics.jsonl"
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        entry = json.loads(line)
+        if "step" in entry and "confidence" in entry:
+            steps.append(entry)
+    rows = []
+    for epoch in sorted({math.ceil(e["epoch"] - 1e-9) for e in steps}):
+        mine = [e for e in steps if math.ceil(e["epoch"] - 1e-9) == epoch]
+        rows.append({"epoch": epoch, **{key: round(statistics.fmean(float(e[key]) for e in mine), 5)
+                                        for key in ("confidence", "noisy_confidence", "noisy_above_clean", "ce",
+                                                    "alignment") if all(key in e for e in mine)}})
+    return rows
+
+
+def run_record(out: Path, job: Job, part: str, study: str, data_dir: Path, **extra) -> dict:
+    """One run's raw result: its settings, per-epoch validation scores (when evaluated per epoch), final
+    validation and test scores (rescored), NRCA's per-epoch confidences, whether it diverged (the rule above, on
+    the test split where the run has one, else on validation), and its wall seconds."""
+    folder = run_folder(out, job)
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    nonfinite = json.loads((folder / NONFINITE).read_text()) if (folder / NONFINITE).is_file() else None
+    per_epoch = []
+    if not nonfinite and config.get("eval_split") == "val":
+        per_epoch = [{"epoch": int(epoch), **rescored(result, folder / f"eval_epoch{int(epoch)}",
+                                                      data_dir / "val_caption.json")}
+                     for epoch, result in epoch_evals(folder)]
+    val = final_val(folder)
+    val_folder = folder / "val" if (folder / "val" / "eval.json").is_file() else \
+        folder / f"eval_epoch{per_epoch[-1]['epoch']}" if per_epoch else folder / "val"
+    val = rescored(val, val_folder, data_dir / "val_caption.json") if val else {}
+    test = final_test(folder)
+    test = rescored(test, folder / "test", data_dir / "test_caption.json") if test else {}
+    timing = out / "seconds.json"
+    seconds = json.loads(timing.read_text()).get(f"seed{job.seed}/{job.cell.name}") if timing.is_file() else None
+    judged = test or val
+    return {"study": study, "part": part, "arm": job.cell.name, "seed": job.seed,
+            **{key: config.get(key) for key in RUN_SETTINGS}, **extra,
+            "val_per_epoch": per_epoch, "val_final": val, "test_final": test,
+            "diverged": diverged(judged) if judged else None, "diverged_on": "test" if test else "val",
+            "training": training_diagnostics(folder), "seconds": seconds}
+
+
+def write_results(out: Path, path: Path, jobs: list[tuple[str, Job]], study: str = "testbed_study",
+                  extra=lambda job: {}, also=lambda folder: False) -> int:
+    """The records (run_record) of the finished runs, of those stopped by a non-finite loss and of those `also`
+    accepts, one JSON line each, to `path` (rewritten whole); returns how many."""
+    lines = []
+    for part, job in jobs:
+        folder = run_folder(out, job)
+        if job_done(out, job) or (folder / NONFINITE).is_file() or also(folder):
+            data_dir = REPO / "data" / f"testbed-seed{job.seed}"
+            lines.append(json.dumps(run_record(out, job, part, study, data_dir, **extra(job)), sort_keys=True))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Judging
 
 
 def diverged(result: dict) -> bool:
     """The divergence rule fixed above: no longer answers (accuracy < chance + 30) or no longer describes the
-    picture (fewer than half of the captions name the drawn colour)."""
-    return result.get("accuracy", 0.0) < CHANCE_PLUS_GATE or result.get("grounded_colour", 0.0) < COLOUR_FLOOR
+    picture (fewer than half of the captions name the drawn colour); a run stopped by a non-finite loss has
+    diverged. A result without either score is an error (it was read from the wrong file), never a 0."""
+    if "nonfinite" in result:
+        return True
+    missing = [key for key in ("accuracy", "grounded_colour") if result.get(key) is None]
+    if missing:
+        raise ValueError(f"diverged: the result has no {' or '.join(missing)} (keys: {sorted(result)}); the rule "
+                         "needs both, a missing score is not a 0")
+    return result["accuracy"] < CHANCE_PLUS_GATE or result["grounded_colour"] < COLOUR_FLOOR
 
 
 def paired_bootstrap(a: list[float], b: list[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0):
@@ -328,7 +428,7 @@ def budget_report_cells(out: Path) -> list[Cell]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("run", "report"))
+    parser.add_argument("command", choices=("run", "collect"))
     parser.add_argument("part", nargs="?", choices=("seeds", "map", "variants", "budget", "budget-test", "zero-shot"))
     parser.add_argument("--out", default="runs/study")
     parser.add_argument("--workers", type=int, default=2)
@@ -339,9 +439,8 @@ def main(argv=None) -> None:
             raise ValueError("testbed_study.py run: name the part (seeds, map, variants, budget, budget-test)")
         run_part(out, args.part, args.workers)
     else:
-        import study_report
-
-        study_report.write_report(out)
+        write_results(out, RESULTS, [("seeds", job) for job in part_jobs("seeds", out)])
+        print(f"wrote {RESULTS.relative_to(REPO)}")
 
 
 if __name__ == "__main__":

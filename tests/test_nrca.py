@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from confidence_kernel import reference_token_confidence
-from nrca import NRCAOutput, answer_mean, nrca_loss, nrca_objective
+from nrca import NRCAOutput, answer_mean, nrca_loss, nrca_objective, sample_confidences
 
 IGNORE = -100
 LN2, LN3 = math.log(2.0), math.log(3.0)
@@ -291,6 +291,7 @@ def test_bad_inputs_raise():
     ("squared", 2 * 0.9 * (0.2 / 0.5 - 1) / 0.5),  # g = (I~ / I - 1) / I   proportional to the gap
     ("difference", -2 * 0.9),  # g = sign(I~ - I)                       no 1 / I
     ("squared-difference", 2 * 0.9 * (0.2 - 0.5)),  # g = I~ - I        both
+    ("hinge", -2 * 0.9 / 0.5),  # I~ < I: exactly Eq. (5b)'s g = sign(I~ - I) / I
 ])
 def test_alignment_variants_gradients_by_hand(alignment, expected_d_noisy_mean):
     """Each variant's gradient on the noisy confidences, worked by hand (I and CE detached in all of them);
@@ -315,3 +316,37 @@ def test_paper_alignment_is_the_default_and_variants_are_named():
     assert torch.equal(default.total, paper.total)
     with pytest.raises(ValueError, match="alignment must be one of"):
         nrca_objective(nll, confidence, noisy, mask, alignment="l1")
+
+
+def test_hinge_is_eq_5b_where_noisy_is_below_clean_and_zero_elsewhere():
+    """Three open samples, CE = 0.9 each, lam = 2, I = 0.5 for all; I~ = 0.2 (below), 0.8 (above), 0.5 (equal).
+    Eq. (5b): |1 - I~/I| * CE = 0.6 * 0.9, 0.6 * 0.9, 0 -> alignment (0.54 + 0.54 + 0) / 3 = 0.36.
+    hinge: max(0, 1 - I~/I) * CE = 0.54, 0, 0 -> alignment 0.54 / 3 = 0.18.
+    Gradients on the noisy confidences (d I~ / d p~_t = 1/3, mean over 3 open samples gives another 1/3):
+    Eq. (5b) -lam CE / I / 9 = -0.4, +0.4, 0 (torch's sign(0) = 0); hinge -0.4, 0, 0."""
+    mask = torch.ones(3, 3, dtype=torch.bool)
+    nll = torch.full((3, 3), 0.9, dtype=torch.float64)
+    confidence = torch.full((3, 3), 0.5, dtype=torch.float64)
+    noisy_values = torch.tensor([0.2, 0.8, 0.5], dtype=torch.float64)[:, None].expand(3, 3)
+    results = {}
+    for alignment in ("paper", "hinge"):
+        noisy = noisy_values.clone().requires_grad_(True)
+        out = nrca_objective(nll, confidence, noisy, mask, lam=2.0, alignment=alignment)
+        out.total.backward()
+        results[alignment] = (out.alignment.item(), noisy.grad[:, 0])
+    assert results["paper"][0] == pytest.approx(0.36)
+    assert results["hinge"][0] == pytest.approx(0.18)
+    torch.testing.assert_close(results["paper"][1], torch.tensor([-0.4, 0.4, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(results["hinge"][1], torch.tensor([-0.4, 0.0, 0.0], dtype=torch.float64))
+
+
+def test_sample_confidences_by_hand():
+    """Sample 0: 3 answer tokens p = 0.2, 0.4, 0.6 -> I = 0.4, p~ = 0.1, 0.1, 0.4 -> I~ = 0.2, open.
+    Sample 1: 2 answer tokens (a letter + EOS) -> I = 0.5, I~ = 0.7, not open (< 3 tokens)."""
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    confidence = torch.tensor([[0.2, 0.4, 0.6], [0.4, 0.6, 9.0]])
+    noisy = torch.tensor([[0.1, 0.1, 0.4], [0.8, 0.6, 9.0]])
+    clean_mean, noisy_mean, is_open = sample_confidences(confidence, noisy, mask)
+    torch.testing.assert_close(clean_mean, torch.tensor([0.4, 0.5]))
+    torch.testing.assert_close(noisy_mean, torch.tensor([0.2, 0.7]))
+    assert is_open.tolist() == [True, False]
