@@ -55,8 +55,8 @@ def confidence_gap(mllm, records: list[dict], image_folder, deltas=DEFAULT_DELTA
     from noise import noisy_pixel_values
 
     for delta in deltas:
-        if not 0 < float(delta) <= 1:
-            raise ValueError(f"confidence-gap: --delta {delta}: expected in (0, 1] (Eq. 2b; 0 gives I~ = I)")
+        if not 0 <= float(delta) <= 1:
+            raise ValueError(f"confidence-gap: --delta {delta}: expected in [0, 1] (Eq. 2b; 0 gives I~ = I)")
     dataset = mllm.dataset(records, image_folder, max_length)
     forward = model_forward(mllm.model)
     mllm.model.eval()

@@ -4,6 +4,7 @@ this file); nothing here is chosen by looking at NRCA against the others.
 
     python scripts/gap_study.py run        # every run (resumable; --workers 2, one thread each)
     python scripts/gap_study.py collect    # raw results -> results/gap_study.jsonl (one JSON line per run)
+    python scripts/gap_study.py embedded-dial   # the rule below that picks the base of `python train.py`
     python scripts/study_report.py         # every table, from results/*.jsonl
 
 Why. In the first study (scripts/testbed_study.py) NRCA as published diverged on 7 of 10 seeds. Its base model
@@ -61,6 +62,14 @@ Hypotheses and how each is read (fixed now):
 - Secondary, no verdict: the same paired table at every D and for the delta arms; NRCA's clean confidence and share
   above during training (train.py's per-step log), first to last epoch.
 
+The embedded default's base (`python train.py`, seed 0), a rule fixed before its bases were built (added in a
+second commit, before any run of this study had finished; it reads base measurements only, never a fine-tuning
+result): seed 0's base is built at every D of DIALS; a D qualifies when its base keeps the picture on the noisy
+view (the gate: accuracy at delta 0.5 within 10 points of clean) and the clean view is the more confident one on
+at least 75 % of the open training captions at delta 0.5 (share above <= PREMISE_SHARE: Eq. 10's premise). The
+largest qualifying D (the most noise-robust base that meets the premise) becomes train.BASE_NOISE_MAX_DELTA_DEFAULT;
+if none qualifies, 0.6 stays and the README says so.
+
 Budget: about 90 minutes wall on 2 cores (the first study: base ~105 s, Full FT ~45 s, NRCA ~60 s per run with two
 processes side by side). The report gives what each part took.
 """
@@ -82,8 +91,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import testbed_study as study  # noqa: E402
 from testbed_study import Cell, Job, cell  # noqa: E402
-
-import testbed  # noqa: E402
 
 SEEDS = list(range(100, 110))
 DIALS = (0.0, 0.3, 0.6)
@@ -144,19 +151,6 @@ def measure_gap(out: Path, seed: int, dial: float) -> None:
         raise RuntimeError(f"failed: {' '.join(args)}; see {log}")
 
 
-def base_summary(out: Path, seed: int, dial: float) -> dict:
-    """The base's measurements for the raw results: gates, gap per delta, pre-training seconds."""
-    base = base_folder(out, seed, dial)
-    gates = base / f"gates-world{testbed.WORLD_VERSION}.json"
-    gap = gap_folder(out, seed, dial) / "confidence_gap.json"
-    seconds = base / "seconds.json"
-    rows = json.loads(gates.read_text()) if gates.is_file() else []
-    return {"gates": {row["gate"]: {"value": row["value"], "threshold": row["threshold"], "passed": row["passed"]}
-                      for row in rows},
-            "gap": json.loads(gap.read_text())["tasks"]["testbed-caption"]["deltas"] if gap.is_file() else {},
-            "seconds": json.loads(seconds.read_text()) if seconds.is_file() else {}}
-
-
 def run(out: Path, workers: int) -> None:
     todo = [(part, dial, job) for part, dial, job in jobs()
             if not study.job_done(out, job) and not (study.run_folder(out, job) / GATE_FAILED).is_file()]
@@ -203,21 +197,57 @@ def collect(out: Path) -> int:
     def extra(job):
         part, dial = dial_of[job.cell.name]
         failed = (study.run_folder(out, job) / GATE_FAILED).is_file()
-        return {"dial": dial, "base": base_summary(out, job.seed, dial), "base_gate_failed": failed}
+        return {"dial": dial, "base_noise_max_delta": dial, "base": study.base_summary(out / f"seed{job.seed}", dial),
+                "base_gate_failed": failed}
 
     return study.write_results(out, RESULTS, items, study="gap_study", extra=extra,
                                also=lambda folder: (folder / GATE_FAILED).is_file())
 
 
+def embedded_dial(out: Path) -> dict:
+    """The rule above on seed 0: builds (or reads the cached) base at every D, prints each one's measurements and the
+    chosen D; written to OUT/embedded_dial.json."""
+    import testbed
+    import train
+
+    rows = {}
+    for dial in DIALS:
+        folder = out / "seed0" / f"embedded-dial-{dial:g}"
+        base = out / "seed0" / f"base-tiny-llava-testbed5-seed0-e{BASE_EPOCHS}-noise{dial:g}"
+        if not (base / "confidence_gap.json").is_file():
+            log = out / "logs" / f"seed0-base-noise{dial:g}.log"
+            code = ("import sys, train; cfg = train.make_config(seed=0, base_noise_max_delta=float(sys.argv[1]), "
+                    "out_dir=sys.argv[2]); train.pretrain_base_model(cfg, 0, 1, 'cpu')")
+            if study.run_logged(["-c", code, f"{dial:g}", str(folder)], log)[0]:
+                raise RuntimeError(f"building seed 0's base at D = {dial:g} failed; see {log}")
+        gates_file = base / f"gates-world{testbed.WORLD_VERSION}.json"
+        gates = {row["gate"]: row for row in json.loads(gates_file.read_text())}
+        gap = json.loads((base / "confidence_gap.json").read_text())["tasks"]
+        caption = next(entry for entry in gap.values() if entry["task"] == "caption")["deltas"]["0.5"]
+        keeps = gates["noisy view keeps the picture"]["passed"]
+        premise = caption["share_noisy_above_clean"] <= PREMISE_SHARE
+        rows[f"{dial:g}"] = {"accuracy_clean": gates["sees"]["value"],
+                             "accuracy_noisy": gates["noisy view keeps the picture"]["value"],
+                             "keeps_picture": keeps, **caption, "premise": premise, "qualifies": keeps and premise}
+    qualifying = [float(d) for d, row in rows.items() if row["qualifies"]]
+    chosen = {"dials": rows, "chosen": max(qualifying) if qualifying else 0.6, "any_qualifies": bool(qualifying),
+              "current_default": train.BASE_NOISE_MAX_DELTA_DEFAULT}
+    (out / "embedded_dial.json").write_text(json.dumps(chosen, indent=1) + "\n")
+    print(json.dumps(chosen, indent=1))
+    return chosen
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("run", "collect"))
+    parser.add_argument("command", choices=("run", "collect", "embedded-dial"))
     parser.add_argument("--out", default="runs/gap_study")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     if args.command == "run":
         run(out, args.workers)
+    elif args.command == "embedded-dial":
+        embedded_dial(out)
     else:
         print(f"wrote {collect(out)} runs to {RESULTS.relative_to(REPO)}")
 

@@ -1,29 +1,57 @@
-"""The testbed study's report (scripts/testbed_study.py report): its tables, figures and timings from the run
-folders, written to OUT/results.md and OUT/fig1_val_curves.png. Reads only what the
-study's pre-registration names: the test split for parts 1, 3 and 4's final rows, the validation split for the
-curves, the map and the selection. Parts that have not run are left out, and a part with missing seeds says how
-many it has.
+"""Every table of the two testbed studies, computed from their committed raw results alone (results/*.jsonl: one
+JSON line per run, written by `testbed_study.py collect` and `gap_study.py collect`), so that every figure in the
+README can be recomputed from the repository without running anything:
 
-    python scripts/testbed_study.py report --out runs/study
+    python scripts/study_report.py                      # -> runs/study_report/report.md (+ fig1_val_curves.png)
+    python scripts/study_report.py --results results --out runs/study_report
+
+The rules (divergence, paired bootstrap, the gap study's premise and verdicts) are the pre-registered ones of
+scripts/testbed_study.py and scripts/gap_study.py, imported from there (one direction: this file imports them,
+they never import it). Runs not in the files are left out, and a table says how many seeds it has.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
+import sys
 from itertools import pairwise
 from pathlib import Path
 
-import testbed_study as study
-from testbed_study import REPO
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reporting import epoch_evals
+import gap_study  # noqa: E402
+import testbed_study as study  # noqa: E402
+from testbed_study import REPO  # noqa: E402
 
 METRICS = (("cider", "CIDEr"), ("accuracy", "accuracy"), ("grounded_all", "all attributes right %"),
-           ("grounded_fabricated", "fabricated detail %"), ("grounded_size_prior", "size-prior errors %"))
-PAIRED = (("cider", "CIDEr"), ("grounded_all", "all right"), ("grounded_fabricated", "fabricated"),
-          ("accuracy", "accuracy"))
+           ("grounded_fabricated", "fabricated detail %"), ("grounded_detail_word", "a detail's word %"))
+PAIRED = (("grounded_all", "all right"), ("grounded_fabricated", "fabricated"), ("accuracy", "accuracy"),
+          ("cider", "CIDEr"))
+
+
+def load(path: Path) -> list[dict]:
+    """The JSON lines of one results file ([] when absent); a bad line is named."""
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} line {number}: not JSON ({error})") from None
+    return records
+
+
+def by_seed(records: list[dict], arm: str) -> dict[int, dict]:
+    return {r["seed"]: r for r in records if r["arm"] == arm}
+
+
+def final(record: dict, split: str = "test") -> dict:
+    return record.get(f"{split}_final") or {}
 
 
 def mean_std(values) -> str:
@@ -34,198 +62,375 @@ def mean_std(values) -> str:
     return f"{statistics.fmean(values):.1f} ± {std:.1f}"
 
 
-def results(out: Path, cell: study.Cell, seeds, split: str) -> dict[int, dict]:
-    """{seed: last-epoch scores} of the seeds that finished, on the test or the validation split."""
-    read = study.final_test if split == "test" else study.final_val
-    found = {}
-    for seed in seeds:
-        result = read(study.run_folder(out, study.Job(cell, seed, False, False)))
-        if result:
-            found[seed] = result
-    return found
+def scored(record: dict, split: str) -> bool:
+    """A run with scores on the split (a non-finite run has none, a base that missed its gate neither)."""
+    result = final(record, split)
+    return bool(result) and "nonfinite" not in result
 
 
-def rows_with_pairs(out: Path, cells: list[tuple[str, study.Cell]], seeds, split: str) -> str:
-    """Each cell's mean ± std and divergence rate, and its paired difference against Full FT (95 % bootstrap)."""
-    header = "| method | seeds | diverged | " + " | ".join(label for _, label in METRICS) + " | " + " | ".join(
-        f"Δ {label} vs Full FT [95 % CI]" for _, label in PAIRED) + " |"
-    lines = [header, "|---|---:|---:|" + "---:|" * (len(METRICS) + len(PAIRED))]
-    full = results(out, study.FULL, seeds, split)
-    zero = [json.loads(p.read_text()) for seed in seeds
-            if (p := out / f"seed{seed}" / "zero-shot" / split / "eval.json").is_file()]
-    if zero:  # the base before fine-tuning: a reference row, no pairing
-        lines.append(f"| zero-shot base | {len(zero)} | {sum(study.diverged(r) for r in zero)}/{len(zero)} | "
-                     + " | ".join([mean_std(r.get(key) for r in zero) for key, _ in METRICS] + ["–"] * len(PAIRED))
-                     + " |")
-    for name, cell in cells:
-        found = results(out, cell, seeds, split)
+def paired(found: dict[int, dict], reference: dict[int, dict], key: str, split: str = "test"):
+    """Per-seed difference found - reference on `key` over the seeds both scored: (mean, low, high, n) or None."""
+    common = [s for s in found if s in reference and scored(found[s], split) and scored(reference[s], split)
+              and final(found[s], split).get(key) is not None and final(reference[s], split).get(key) is not None]
+    if len(common) < 2:
+        return None
+    mean, low, high = study.paired_bootstrap([final(found[s], split)[key] for s in common],
+                                             [final(reference[s], split)[key] for s in common])
+    return mean, low, high, len(common)
+
+
+def interval(result) -> str:
+    return "–" if result is None else f"{result[0]:+.1f} [{result[1]:+.1f}, {result[2]:+.1f}]"
+
+
+def diverged_count(found: dict[int, dict]) -> str:
+    judged = [r for r in found.values() if r.get("diverged") is not None]
+    return f"{sum(r['diverged'] for r in judged)}/{len(judged)}"
+
+
+def arm_table(rows: list[tuple[str, dict, dict]], split: str = "test") -> str:
+    """rows: (label, {seed: record}, {seed: reference record} or {}). Mean ± std of each score, the divergence count
+    and the paired difference against the reference (95 % bootstrap)."""
+    lines = ["| arm | seeds | diverged | " + " | ".join(label for _, label in METRICS) + " | "
+             + " | ".join(f"Δ {label} vs Full FT [95 % CI]" for _, label in PAIRED) + " |",
+             "|---|---:|---:|" + "---:|" * (len(METRICS) + len(PAIRED))]
+    for label, found, reference in rows:
         if not found:
             continue
-        cells_ = [mean_std(r.get(key) for r in found.values()) for key, _ in METRICS]
-        pairs = []
-        for key, _ in PAIRED:
-            common = [s for s in found if s in full and found[s].get(key) is not None and full[s].get(key) is not None]
-            if cell == study.FULL or len(common) < 2:
-                pairs.append("–")
-                continue
-            mean, low, high = study.paired_bootstrap([found[s][key] for s in common], [full[s][key] for s in common])
-            pairs.append(f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]")
-        n_diverged = sum(study.diverged(r) for r in found.values())
-        lines.append(f"| {name} | {len(found)} | {n_diverged}/{len(found)} | " + " | ".join(cells_ + pairs) + " |")
+        values = [r for r in found.values() if scored(r, split)]
+        cells = [mean_std(final(r, split).get(key) for r in values) for key, _ in METRICS]
+        pairs = [interval(paired(found, reference, key, split)) if reference and found is not reference else "–"
+                 for key, _ in PAIRED]
+        lines.append(f"| {label} | {len(found)} | {diverged_count(found)} | " + " | ".join(cells + pairs) + " |")
     return "\n".join(lines)
 
 
-def seed_cell(result: dict | None) -> str:
-    if result is None:
+def seed_cell(record: dict | None, split: str = "test") -> str:
+    if record is None:
         return "–"
+    result = final(record, split)
     if "nonfinite" in result:
         return "non-finite loss **div**"
-    keys = ("cider", "grounded_all", "accuracy")
-    text = " / ".join("?" if result.get(k) is None else f"{result[k]:.0f}" for k in keys)
-    return text + (" **div**" if study.diverged(result) else "")
+    if not result:
+        return "no scores"
+    text = " / ".join("?" if result.get(k) is None else f"{result[k]:.0f}" for k in ("cider", "grounded_all",
+                                                                                       "accuracy"))
+    return text + (" **div**" if record.get("diverged") else "")
 
 
-def finished_curve(out: Path, cell: study.Cell, seed: int) -> list[dict]:
-    """A finished run's per-epoch validation scores ([] for a run still training or without them)."""
-    folder = study.run_folder(out, study.Job(cell, seed, True, False))
-    if not (folder / "final").is_dir() or not (folder / "metrics.jsonl").is_file():
-        return []
-    return [result for _, result in epoch_evals(folder)]
-
-
-def finished_metrics(out: Path, cell: study.Cell, seed: int) -> list[dict]:
-    """A finished run's metrics.jsonl records, steps and evaluations ([] while it trains or when absent)."""
-    metrics = study.run_folder(out, study.Job(cell, seed, False, False)) / "metrics.jsonl"
-    if not metrics.is_file() or not (metrics.parent / "final").is_dir():
-        return []
-    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-
-
-def per_seed_table(out: Path, cells: list[tuple[str, study.Cell]], seeds, split: str) -> str:
+def per_seed_table(rows: list[tuple[str, dict]], seeds, split: str = "test") -> str:
     """Every seed's last-epoch CIDEr / all-right / accuracy, a diverged run marked: nothing hides in a mean."""
-    lines = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---:|" * len(seeds)]
-    for name, cell in cells:
-        found = results(out, cell, seeds, split)
+    lines = ["| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---:|" * len(seeds)]
+    for label, found in rows:
         if found:
-            lines.append(f"| {name} | " + " | ".join(seed_cell(found.get(s)) for s in seeds) + " |")
+            lines.append(f"| {label} | " + " | ".join(seed_cell(found.get(s), split) for s in seeds) + " |")
     return "\n".join(lines)
 
 
-def curve_table(out: Path, cells: list[tuple[str, study.Cell]], seeds) -> str:
-    """Per-epoch validation scores, mean ± std over seeds: CIDEr swings, grounding does not (or does)."""
-    curves = {name: [finished_curve(out, cell, seed) for seed in seeds] for name, cell in cells}
-    epochs = range(1, max((len(c) for runs in curves.values() for c in runs), default=0) + 1)
+def confidence_row(found: dict[int, dict], seeds) -> list[str]:
+    """Per seed: NRCA's mean clean confidence I of the open samples, first epoch → last (the mean share of open
+    samples with I~ > I over the epochs)."""
+    row = []
+    for seed in seeds:
+        epochs = found[seed].get("training", []) if seed in found else []
+        if not epochs or "confidence" not in epochs[0]:
+            row.append("–")
+            continue
+        above = statistics.fmean(e["noisy_above_clean"] for e in epochs)
+        row.append(f"{epochs[0]['confidence']:.2f} → {epochs[-1]['confidence']:.2f} ({above:.2f})")
+    return row
+
+
+def confidence_table(rows: list[tuple[str, dict]], seeds) -> str:
+    lines = ["| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---:|" * len(seeds)]
+    for label, found in rows:
+        row = confidence_row(found, seeds)
+        if any(cell != "–" for cell in row):
+            lines.append(f"| {label} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def curve_table(rows: list[tuple[str, dict]]) -> str:
+    """Per-epoch validation scores, mean ± std over seeds."""
+    epochs = range(1, max((len(r["val_per_epoch"]) for _, found in rows for r in found.values()), default=0) + 1)
     if not epochs:
-        return "(no finished run)"
-    lines = ["| method | metric | " + " | ".join(f"epoch {e}" for e in epochs) + " |",
-             "|---|---|" + "---:|" * len(epochs)]
-    for name, runs in curves.items():
-        for key, label in METRICS:
-            lines.append(f"| {name} | {label} | " + " | ".join(
-                mean_std(run[e - 1].get(key) for run in runs if len(run) >= e) for e in epochs) + " |")
+        return "(no per-epoch evaluation)"
+    lines = ["| arm | metric | " + " | ".join(f"epoch {e}" for e in epochs) + " |", "|---|---|" + "---:|" * len(epochs)]
+    for label, found in rows:
+        for key, name in METRICS:
+            lines.append(f"| {label} | {name} | " + " | ".join(
+                mean_std(r["val_per_epoch"][e - 1].get(key) for r in found.values() if len(r["val_per_epoch"]) >= e)
+                for e in epochs) + " |")
     return "\n".join(lines)
 
 
-def swing_table(out: Path, cells: list[tuple[str, study.Cell]], seeds) -> str:
-    """How much each metric moves from one epoch to the next within a run (mean over runs of the mean absolute
-    change, as a share of the metric's mean): the phrasing lottery, measured."""
-    lines = ["| method | " + " | ".join(label for _, label in METRICS[:3]) + " |", "|---|---:|---:|---:|"]
-    for name, cell in cells:
-        shares = {key: [] for key, _ in METRICS[:3]}
-        for seed in seeds:
-            points = finished_curve(out, cell, seed)
-            if len(points) < 2 or study.diverged(points[-1]):
+def swing_table(rows: list[tuple[str, dict]]) -> str:
+    """How much each metric moves from one epoch to the next within a run (mean over runs that did not diverge of
+    the mean absolute change, as a share of the metric's mean): the phrasing lottery, measured."""
+    keys = METRICS[:3]
+    lines = ["| arm | " + " | ".join(label for _, label in keys) + " |", "|---|---:|---:|---:|"]
+    for label, found in rows:
+        shares = {key: [] for key, _ in keys}
+        for record in found.values():
+            points = record["val_per_epoch"]
+            if len(points) < 2 or record.get("diverged"):
                 continue
             for key in shares:
                 values = [p.get(key) for p in points]
-                if None in values:
-                    continue
-                level = statistics.fmean(values)
-                if level > 0:
-                    shares[key].append(statistics.fmean(abs(b - a) for a, b in pairwise(values)) / level)
+                if None not in values and statistics.fmean(values) > 0:
+                    shares[key].append(statistics.fmean(abs(b - a) for a, b in pairwise(values))
+                                       / statistics.fmean(values))
         if any(shares.values()):
-            lines.append(f"| {name} | " + " | ".join(
+            lines.append(f"| {label} | " + " | ".join(
                 f"{100 * statistics.fmean(v):.1f} %" if v else "–" for v in shares.values()) + " |")
     return "\n".join(lines)
 
 
-def map_table(out: Path) -> str:
-    lines = ["| cell | lr LLM / connector | lam | seeds | diverged | CIDEr | accuracy | all right % | fabricated % |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    cells = [(arm, m, 2.0) for arm in study.LR_ARMS for m in ("full", "nrca")]
-    cells += [("lr-1e-3", "nrca", lam) for lam in study.MAP_LAMS]
-    for arm, method, lam in cells:
-        cell = study.cell(method, arm, **({"lam": lam} if method == "nrca" else {}))
-        found = results(out, cell, study.MAP_SEEDS, "val")
-        if not found:
-            continue
-        llm, connector = study.LR_ARMS[arm]
-        lines.append(f"| {cell.name} | {llm:g} / {connector:g} | {f'{lam:g}' if method == 'nrca' else '–'} | "
-                     f"{len(found)} | {sum(study.diverged(r) for r in found.values())}/{len(found)} | "
-                     + " | ".join(mean_std(r.get(k) for r in found.values())
-                                  for k in ("cider", "accuracy", "grounded_all", "grounded_fabricated")) + " |")
-    return "\n".join(lines)
-
-
-def budget_table(out: Path) -> str:
-    lines = ["| method | setting | chosen on validation | selection score (val, seeds 0-1) | test seeds | diverged | "
-             "CIDEr | accuracy | all right % | fabricated % |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    try:
-        report_cells = set(study.budget_report_cells(out))
-    except RuntimeError:
-        return "(the selection runs of part 4 are not all done)"
-    for method in study.OWN_GRID:
-        grid = [c for c in study.budget_cells() if c.method == method]
-        for c in grid:
-            val = results(out, c, study.SELECTION_SEEDS, "val")
-            score = study.selection_score(list(val.values())) if val else math.nan
-            chosen = c in report_cells and (c != grid[0] or len([g for g in grid if g in report_cells]) == 1)
-            test = results(out, c, study.BUDGET_TEST_SEEDS, "test") if c in report_cells else {}
-            cells = [mean_std(r.get(k) for r in test.values())
-                     for k in ("cider", "accuracy", "grounded_all", "grounded_fabricated")] if test else ["–"] * 4
-            diverged = f"{sum(study.diverged(r) for r in test.values())}/{len(test)}" if test else "–"
-            lines.append(f"| {method} | {c.name}{' (paper)' if c == grid[0] else ''} | {'yes' if chosen else ''} | "
-                         f"{score:.1f} | {len(test) or '–'} | {diverged} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def timing(out: Path) -> str:
-    bases = [json.loads(p.read_text()) for p in sorted(out.glob("seed*/base-*/seconds.json"))]
+def timing(records: list[dict]) -> str:
+    """Where the time went: each base's two stages, and per arm kind the wall seconds of a run."""
+    bases = {}
+    for r in records:
+        if r.get("base", {}).get("seconds"):
+            bases[(r["seed"], r.get("base_noise_max_delta"))] = r["base"]["seconds"]
     lines = []
     if bases:
-        lines.append(f"base model per seed ({len(bases)} seeds, 1 thread): stage 1 (vision tower alone) "
-                     f"{mean_std(b.get('vision_tower') for b in bases)} s, stage 2 (every part) "
-                     f"{mean_std(b.get('pretraining') for b in bases)} s")
-    for name, cell in (("Full FT", study.FULL), ("NRCA", study.NRCA)):
-        train, evaluation = [], []
-        for seed in study.SEEDS:
-            entries = finished_metrics(out, cell, seed)
-            if entries:
-                train.append(sum(e.get("seconds", 0) for e in entries if "step" in e))
-                evaluation.append(sum(e.get("seconds", 0) for e in entries if "eval" in e))
-        if train:
-            lines.append(f"{name}, one run (315 steps, 1 thread): optimizer steps {mean_std(train)} s, 5 validation "
-                         f"evaluations (300 captions + 300 questions each) {mean_std(evaluation)} s")
-    seconds = out / "seconds.json"
-    if seconds.is_file():
-        walls = json.loads(seconds.read_text())
-        first = {k: v for k, v in walls.items() if k.endswith(study.FULL.name)}  # each seed's first run: its base too
-        rest = [v for k, v in walls.items() if k not in first]
-        lines.append(f"{len(walls)} runs of the study timed (wall per run: training, evaluations, model loads, process "
-                     f"start): Full FT at the paper's settings, the first run of each seed, base included "
-                     f"{mean_std(first.values())} s; every other run {mean_std(rest)} s; "
-                     f"{sum(walls.values()) / 3600:.2f} process-hours in all, 2 processes side by side")
+        lines.append(f"base models ({len(bases)}, 1 thread): stage 1 (vision tower alone) "
+                     f"{mean_std(b.get('vision_tower') for b in bases.values())} s, stage 2 (every part) "
+                     f"{mean_std(b.get('pretraining') for b in bases.values())} s")
+    for method in ("full", "nrca"):
+        mine = [r for r in records if r.get("method") == method and r.get("train_seconds") is not None]
+        if mine:
+            lines.append(f"{method}: optimizer steps {mean_std(r['train_seconds'] for r in mine)} s, per-epoch "
+                         f"evaluations {mean_std(r.get('eval_seconds') for r in mine)} s per run ({len(mine)} runs, "
+                         "1 thread)")
+    walls = [r["seconds"] for r in records if r.get("seconds") is not None]
+    if walls:
+        lines.append(f"{len(walls)} runs timed, wall per run (training, evaluations, loads; a base's first run builds "
+                     f"it): {mean_std(walls)} s; {sum(walls) / 3600:.2f} process-hours, 2 processes side by side")
     return "\n".join(f"- {line}" for line in lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The first study (scripts/testbed_study.py): what its committed raw results hold
+
+
+def first_study(records: list[dict]) -> list[str]:
+    seeds = sorted({r["seed"] for r in records})
+    full, nrca = by_seed(records, study.FULL.name), by_seed(records, study.NRCA.name)
+    variants = [(f"NRCA, {v} (beyond the paper)", by_seed(records, study.cell("nrca", lam=2.0,
+                                                                             nrca_alignment=v).name))
+                for v in study.VARIANTS]
+    headline = [("Full FT", full), ("NRCA", nrca)] + [v for v in variants if v[1]]
+    others = sorted({r["arm"] for r in records} - {study.FULL.name, study.NRCA.name}
+                    - {study.cell("nrca", lam=2.0, nrca_alignment=v).name for v in study.VARIANTS})
+    sections = [
+        f"## First study, part 1: Full FT vs NRCA at the paper's settings (test split, last epoch, seeds "
+        f"{seeds[0]}-{seeds[-1]})" if seeds else "## First study: no raw results",
+        arm_table([(label, found, full) for label, found in headline]),
+        "Per seed (CIDEr / all right % / accuracy; **div**: diverged by the fixed rule):",
+        per_seed_table(headline, seeds),
+        "NRCA's mean clean confidence I of the open samples, first epoch → last (mean share of open samples with "
+        "I~ > I):",
+        confidence_table([row for row in headline if row[0] != "Full FT"], seeds),
+        "Per-epoch validation scores (Fig. 1 on the testbed), mean ± std over seeds:",
+        curve_table(headline[:2]),
+        "Epoch-to-epoch movement within a run (mean |change| / mean level, runs that did not diverge):",
+        swing_table(headline[:2]),
+    ]
+    if others:
+        sections += ["Other arms of the first study in the raw results (their part's split, last epoch):",
+                     arm_table([(arm, by_seed(records, arm), {}) for arm in others],
+                               split="val")]
+    return sections
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The gap study (scripts/gap_study.py): its pre-registered tables and verdicts
+
+
+def gap_of(record: dict, delta: float) -> dict:
+    return record.get("base", {}).get("gap", {}).get(f"{delta:g}") or {}
+
+
+def premise_met(record: dict) -> bool | None:
+    """Does the run's base meet Appendix C's premise at the run's delta (share above <= PREMISE_SHARE)?"""
+    row = gap_of(record, record.get("delta") or 0.5)
+    share = row.get("share_noisy_above_clean")
+    return None if share is None else share <= gap_study.PREMISE_SHARE
+
+
+def fisher_two_sided(a: int, b: int, c: int, d: int) -> float:
+    """Fisher's exact test on [[a, b], [c, d]]: the probability, with the margins fixed, of a table as or less
+    likely than this one (hypergeometric)."""
+    row1, col1, n = a + b, a + c, a + b + c + d
+
+    def p(x):
+        return math.comb(col1, x) * math.comb(n - col1, row1 - x) / math.comb(n, row1)
+
+    observed = p(a)
+    return min(1.0, sum(p(x) for x in range(max(0, row1 + col1 - n), min(row1, col1) + 1)
+                        if p(x) <= observed * (1 + 1e-9)))
+
+
+def base_table(records: list[dict]) -> str:
+    """H1: per dial, the bases' gates and their confidence gap at each delta, mean ± std over seeds."""
+    lines = ["| base dial D | bases | accuracy clean % | accuracy at delta 0.5 % | "
+             + " | ".join(f"I / I~ / share I~ > I at delta {d:g}" for d in gap_study.GAP_DELTAS) + " |",
+             "|---:|---:|---:|---:|" + "---|" * len(gap_study.GAP_DELTAS)]
+    for dial in gap_study.DIALS:
+        bases = {r["seed"]: r for r in records if r.get("dial") == dial and r.get("base", {}).get("gap")}
+        if not bases:
+            continue
+        gates = [r["base"]["gates"] for r in bases.values()]
+        cells = []
+        for delta in gap_study.GAP_DELTAS:
+            rows = [gap_of(r, delta) for r in bases.values()]
+
+            def stat(key, rows=rows):
+                values = [row[key] for row in rows if row.get(key) is not None]
+                return f"{statistics.fmean(values):.3f}" if values else "–"
+            shares = [row["share_noisy_above_clean"] for row in rows if row.get("share_noisy_above_clean") is not None]
+            cells.append(f"{stat('clean_confidence')} / {stat('noisy_confidence')} / "
+                         f"{statistics.fmean(shares):.2f} ± {statistics.stdev(shares) if len(shares) > 1 else 0:.2f}")
+        lines.append(f"| {dial:g} | {len(bases)} | {mean_std(g['sees']['value'] for g in gates)} | "
+                     f"{mean_std(g['noisy view keeps the picture']['value'] for g in gates)} | " + " | ".join(cells)
+                     + " |")
+    return "\n".join(lines)
+
+
+def mean_share(records: list[dict], dial: float, delta: float = 0.5) -> float | None:
+    shares = {r["seed"]: gap_of(r, delta).get("share_noisy_above_clean") for r in records if r.get("dial") == dial}
+    values = [v for v in shares.values() if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def verdict_h1(records: list[dict]) -> str:
+    means = [mean_share(records, dial) for dial in gap_study.DIALS]
+    if None in means:
+        return "H1: not all dials measured"
+    holds = all(a < b for a, b in pairwise(means))
+    return ("H1 (the dial moves the gap): mean share above at delta 0.5 = "
+            + ", ".join(f"{m:.2f} (D = {d:g})" for d, m in zip(gap_study.DIALS, means, strict=True))
+            + f": {'holds' if holds else 'does not hold'} (needs D = 0 < 0.3 < 0.6).")
+
+
+def paper_runs(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("method") == "nrca" and r.get("nrca_alignment") == "paper"
+            and not r.get("base_gate_failed") and r.get("diverged") is not None]
+
+
+def verdict_h2(records: list[dict]) -> tuple[str, str]:
+    runs = [r for r in paper_runs(records) if premise_met(r) is not None]
+    met = [r for r in runs if premise_met(r)]
+    broken = [r for r in runs if not premise_met(r)]
+    d_met, d_broken = sum(r["diverged"] for r in met), sum(r["diverged"] for r in broken)
+    table = ["| NRCA (Eq. 5b) arm | runs | mean share above at its delta | premise met in | diverged |",
+             "|---|---:|---:|---:|---:|"]
+    for arm in sorted({r["arm"] for r in runs}):
+        mine = [r for r in runs if r["arm"] == arm]
+        share = statistics.fmean(gap_of(r, r["delta"])["share_noisy_above_clean"] for r in mine)
+        table.append(f"| {arm} | {len(mine)} | {share:.2f} | {sum(premise_met(r) for r in mine)}/{len(mine)} | "
+                     f"{sum(r['diverged'] for r in mine)}/{len(mine)} |")
+    if len(met) < 5 or len(broken) < 5:
+        verdict = (f"H2 (divergence follows the gap): untestable: {len(met)} runs meet the premise, {len(broken)} "
+                   f"do not (each group needs >= 5); diverged {d_met}/{len(met)} and {d_broken}/{len(broken)}.")
+    else:
+        rate_met, rate_broken = d_met / len(met), d_broken / len(broken)
+        p = fisher_two_sided(d_met, len(met) - d_met, d_broken, len(broken) - d_broken)
+        supported = rate_met <= rate_broken / 2
+        verdict = (f"H2 (divergence follows the gap): premise met: {d_met}/{len(met)} diverged "
+                   f"({100 * rate_met:.0f} %); premise broken: {d_broken}/{len(broken)} ({100 * rate_broken:.0f} %); "
+                   f"Fisher's exact p = {p:.3g}: {'supported' if supported else 'not supported'} (needs the first "
+                   "rate at most half the second).")
+    return verdict, "\n".join(table)
+
+
+def verdict_h3(records: list[dict]) -> str:
+    parts = []
+    holds = True
+    for dial in gap_study.DIALS:
+        mine = [r for r in records if r.get("dial") == dial and r.get("nrca_alignment") == "hinge"
+                and r.get("diverged") is not None]
+        if not mine:
+            return "H3: not all dials have hinge runs"
+        n = sum(r["diverged"] for r in mine)
+        holds &= n <= 1
+        parts.append(f"{n}/{len(mine)} at D = {dial:g}")
+    return f"H3 (the hinge is stable): diverged {', '.join(parts)}: {'holds' if holds else 'does not hold'} " \
+           "(needs at most 1 of 10 at every D)."
+
+
+def verdict_h4(records: list[dict]) -> tuple[str, int | None]:
+    shares = {dial: mean_share(records, dial) for dial in gap_study.DIALS}
+    if None in shares.values():
+        return "H4: not all dials measured", None
+    dial = min(shares, key=shares.get)
+    full = by_seed(records, f"base{dial:g}_{study.FULL.name}")
+    lines = [f"H4 (where the premise holds, does NRCA help?): the premise dial is D = {dial:g} (lowest mean share "
+             f"above at delta 0.5, {shares[dial]:.2f}, from the base measurements alone)."]
+    for label, arm in (("NRCA (Eq. 5b)", study.NRCA.name), ("NRCA hinge", study.NRCA.name + "_hinge")):
+        found = by_seed(records, f"base{dial:g}_{arm}")
+        fabricated, grounded = paired(found, full, "grounded_fabricated"), paired(found, full, "grounded_all")
+        if fabricated is None or grounded is None:
+            lines.append(f"- {label}: fewer than 2 paired seeds")
+            continue
+        reading = ["reduces fabrication" if fabricated[2] < 0 else "does not reduce fabrication",
+                   "keeps grounding" if grounded[1] > -5 else "does not keep grounding"]
+        if grounded[1] > 0:
+            reading.append("improves grounding")
+        if grounded[2] < 0:
+            reading.append("loses grounding")
+        lines.append(f"- {label}: fabricated {interval(fabricated)}, all right {interval(grounded)} (paired vs Full "
+                     f"FT, {grounded[3]} seeds): {', '.join(reading)}.")
+    return "\n".join(lines), dial
+
+
+def gap_study_sections(records: list[dict]) -> list[str]:
+    if not records:
+        return ["## Gap study: no raw results"]
+    seeds = sorted({r["seed"] for r in records})
+    failed = sorted({(r["seed"], r.get("dial")) for r in records if r.get("base_gate_failed")})
+    h2, h2_table = verdict_h2(records)
+    h4, _ = verdict_h4(records)
+    rows = []
+    for _, dial, c in gap_study.arms():
+        found = by_seed(records, c.name)
+        full = by_seed(records, f"base{dial:g}_{study.FULL.name}")
+        label = c.name.replace("_lr-1e-3", "")
+        rows.append((label, found, full))
+    return [
+        f"## Gap study (seeds {seeds[0]}-{seeds[-1]}, {len(records)} runs)",
+        "Bases that missed the 'sees' gate (left out): " + (", ".join(f"seed {s} D = {d:g}" for s, d in failed)
+                                                           if failed else "none"),
+        "### The bases: gates (test split) and confidence gap on the 500 training captions (H1)",
+        base_table(records),
+        verdict_h1(records),
+        "### Every arm (test split, last epoch; paired against Full FT on the same base)",
+        arm_table(rows),
+        "### H2: NRCA's divergence and the premise",
+        h2_table,
+        h2,
+        "### H3",
+        verdict_h3(records),
+        "### H4",
+        h4,
+        "### Per seed (CIDEr / all right % / accuracy, test split)",
+        per_seed_table([(label, found) for label, found, _ in rows], seeds),
+        "### NRCA's clean confidence during fine-tuning, first epoch → last (mean share I~ > I)",
+        confidence_table([(label, found) for label, found, _ in rows if "nrca" in label], seeds),
+        "### Where the time went",
+        timing(records),
+    ]
 
 
 def instrument_table(data_dir: Path) -> str:
     """What CIDEr measures on the testbed, without any model: captions written from each test picture's scene in
     each of the five reference phrasings (every fact right), then the same with the scene's fabricated detail
-    appended, then with the colour wrong. All facts right can score anything from the lowest to the highest
-    phrasing's CIDEr; one appended detail costs more than any phrasing."""
+    appended, then with the colour wrong."""
     import metrics
     import testbed
 
+    testbed.ensure_world(data_dir, seed=0)
     records = json.loads((data_dir / "test_caption.json").read_text())
     references = {r["id"]: r["references"] for r in records}
 
@@ -247,58 +452,8 @@ def instrument_table(data_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def detail_words() -> set[str]:
-    """Post hoc (added after reading NRCA's captions, see the report): the words of the training captions'
-    fabricated details that no grounded caption uses. NRCA's captions carry broken details ("near the right of
-    the school", "on the kitchen ones") that grounded_fabricated, which looks for whole details, misses."""
-    import testbed
-
-    grounded = {w for t in testbed.DOWNSTREAM_CAPTIONS + testbed.PRETRAIN_CAPTIONS for w in t.split()}
-    grounded |= {v for values in testbed.ATTRIBUTES.values() for v in values} | {s + "s" for s in testbed.SHAPES}
-    return {w for detail in testbed.UNGROUNDED_DETAILS for w in detail.split()} - grounded
-
-
-def detail_word_table(out: Path, cells, seeds) -> str:
-    """% of test captions (last epoch) with any word of a fabricated detail, whole or broken: mean ± std."""
-    words = detail_words()
-    lines = ["| method | test captions with a detail's word % | with a whole detail % (grounded_fabricated) |",
-             "|---|---:|---:|"]
-    for name, cell in cells:
-        rates, whole = [], []
-        for seed in seeds:
-            folder = study.run_folder(out, study.Job(cell, seed, False, True))
-            path = folder / "test" / "predictions_caption.jsonl"
-            if (folder / "final").is_dir() and path.is_file():
-                captions = [json.loads(line)["prediction"] for line in path.read_text().splitlines() if line.strip()]
-                rates.append(100 * sum(bool(words & set(c.lower().split())) for c in captions) / len(captions))
-                whole.append(study.final_test(folder).get("grounded_fabricated"))
-        if rates:
-            lines.append(f"| {name} | {mean_std(rates)} | {mean_std(whole)} |")
-    return "\n".join(lines)
-
-
-def confidence_table(out: Path, cells, seeds) -> str:
-    """Eq. (5b) made visible: each run's mean clean confidence I of the open samples over the steps of its first
-    and its last epoch (train.py logs it per step), and the share of steps' open samples with I~ > I."""
-    lines = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---:|" * len(seeds)]
-    for name, cell in cells:
-        row = []
-        for seed in seeds:
-            steps = [e for e in finished_metrics(out, cell, seed) if "step" in e and "confidence" in e]
-            if not steps:
-                row.append("–")
-                continue
-            last = max(math.ceil(e["epoch"] - 1e-9) for e in steps)
-            first = [e["confidence"] for e in steps if e["epoch"] <= 1 + 1e-9]
-            final = [e["confidence"] for e in steps if math.ceil(e["epoch"] - 1e-9) == last]
-            above = statistics.fmean(e["noisy_above_clean"] for e in steps)
-            row.append(f"{statistics.fmean(first):.2f} → {statistics.fmean(final):.2f} ({above:.2f})")
-        if any(cell_ != "–" for cell_ in row):
-            lines.append(f"| {name} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
-def plot_curves(out: Path, cells, seeds) -> None:
+def plot_curves(records: list[dict], path: Path) -> None:
+    """Fig. 1 on the testbed: every seed's validation curve of Full FT and NRCA (first study)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -307,55 +462,52 @@ def plot_curves(out: Path, cells, seeds) -> None:
     keys = (("cider", "CIDEr x100"), ("grounded_all", "all attributes right %"),
             ("grounded_fabricated", "fabricated detail %"), ("accuracy", "multiple choice accuracy %"))
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.3))
+    arms = (("Full FT", study.FULL.name, "tab:blue"), ("NRCA", study.NRCA.name, "tab:orange"))
     for ax, (key, title) in zip(axes, keys, strict=True):
-        for colour, (name, cell) in zip(("tab:blue", "tab:orange"), cells, strict=False):
-            for n, seed in enumerate(seeds):
-                points = finished_curve(out, cell, seed)
-                if points:
-                    ax.plot(range(1, len(points) + 1), [r.get(key) for r in points], color=colour, lw=0.8,
-                            alpha=0.6, label=name if n == 0 else None)
+        for name, arm, colour in arms:
+            for n, record in enumerate(by_seed(records, arm).values()):
+                points = record["val_per_epoch"]
+                ax.plot(range(1, len(points) + 1), [p.get(key) for p in points], color=colour, lw=0.8, alpha=0.6,
+                        label=name if n == 0 else None)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"validation split, every seed ({len(seeds)}) one line: CIDEr swings with the phrasing, the grounded "
-                 "scores say what was drawn", fontsize=9)
+    fig.suptitle("validation split, one line per seed (first study, part 1)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "fig1_val_curves.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_report(out: Path) -> str:
-    headline = [("Full FT", study.FULL), ("NRCA", study.NRCA)]
-    variants = [(f"NRCA, {v} (beyond the paper)", study.cell("nrca", lam=2.0, nrca_alignment=v))
-                for v in study.VARIANTS]
-    sections = [
-        "## The instrument: CIDEr of captions written from the scene (seed 0's test split, no model)",
-        instrument_table(REPO / "data" / "testbed-seed0"),
-        "## 1. Full FT vs NRCA at the paper's settings, and 3. the variants beyond the paper (test split, last epoch)",
-        rows_with_pairs(out, headline + variants, study.SEEDS, "test"),
-        "Per seed (CIDEr / all right % / accuracy, test split, last epoch; **div**: diverged by the fixed rule):",
-        per_seed_table(out, headline + variants, study.SEEDS, "test"),
-        "NRCA's mean clean confidence I of the open samples, first epoch → last epoch (share of open samples with "
-        "I~ > I over all steps), per seed:",
-        confidence_table(out, [c for c in headline + variants if c[1].method == "nrca"], study.SEEDS),
-        "Post hoc (defined after reading NRCA's captions): test captions with any word of a fabricated detail:",
-        detail_word_table(out, headline + variants, study.SEEDS),
-        "## Per-epoch validation scores (Fig. 1 on the testbed), mean ± std over seeds",
-        curve_table(out, headline, study.SEEDS),
-        "Epoch-to-epoch movement within a run (mean |change| / mean level, runs that did not diverge):",
-        swing_table(out, headline, study.SEEDS),
-        "## 2. Stability map (validation split, last epoch, seeds 0-4)",
-        map_table(out),
-        "## 4. Equal tuning budget (selection on validation seeds 0-1; test seeds 0-4 for the paper's and the "
-        "chosen setting)",
-        budget_table(out),
-        "## Where the time goes",
-        timing(out),
-    ]
+def write_report(results: Path, out: Path, instrument: bool = True) -> str:
+    first = load(results / study.RESULTS.name)
+    second = load(results / gap_study.RESULTS.name)
+    sections = []
+    if instrument:
+        sections += ["## The instrument: CIDEr of captions written from the scene (seed 0's test split, no model)",
+                     instrument_table(REPO / "data" / "testbed-seed0")]
+    sections += first_study(first) + gap_study_sections(second)
     report = "\n\n".join(sections) + "\n"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(report)
-    plot_curves(out, headline, study.SEEDS)
+    (out / "report.md").write_text(report)
+    if first:
+        plot_curves(first, out / "fig1_val_curves.png")
     print(report)
     return report
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", default=str(REPO / "results"), help="folder of the studies' JSON lines")
+    parser.add_argument("--out", default=str(REPO / "runs" / "study_report"), help="where report.md goes")
+    parser.add_argument("--no-instrument", action="store_true", help="skip the instrument table (it needs the "
+                                                                     "seed-0 world and java for CIDEr)")
+    args = parser.parse_args(argv)
+    write_report(Path(args.results), Path(args.out), instrument=not args.no_instrument)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    import cli
+
+    cli.run(main)

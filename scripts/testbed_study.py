@@ -310,6 +310,31 @@ def rescored(result: dict, evaluation: Path, records_path: Path) -> dict:
     return scores
 
 
+def base_summary(seed_folder: Path, dial: float) -> dict:
+    """A cached base's measurements for the raw results: its gates, its confidence gap per delta (the gap study's
+    SEEDFOLDER/gap-noiseD, else the one train.py wrote at delta 0.5), its pre-training seconds."""
+    import testbed
+
+    bases = sorted(seed_folder.glob(f"base-*-noise{dial:g}"))
+    if not bases:
+        return {}
+    base = bases[0]
+    gates = base / f"gates-world{testbed.WORLD_VERSION}.json"
+    rows = json.loads(gates.read_text()) if gates.is_file() else []
+    gap = {}
+    for path in (seed_folder / f"gap-noise{dial:g}" / "confidence_gap.json", base / "confidence_gap.json"):
+        if path.is_file():
+            tasks = json.loads(path.read_text())["tasks"]
+            caption = next((entry for entry in tasks.values() if entry["task"] == "caption"), None)
+            gap = caption["deltas"] if caption else {}
+            break
+    seconds = base / "seconds.json"
+    return {"folder": base.name,
+            "gates": {row["gate"]: {"value": row["value"], "threshold": row["threshold"], "passed": row["passed"]}
+                      for row in rows},
+            "gap": gap, "seconds": json.loads(seconds.read_text()) if seconds.is_file() else {}}
+
+
 def training_diagnostics(folder: Path) -> list[dict]:
     """Per epoch, NRCA's logged means over its steps: clean confidence I and noisy I~ of the open samples, the share
     with I~ > I, CE and the alignment term (empty for other methods)."""
@@ -348,9 +373,15 @@ def run_record(out: Path, job: Job, part: str, study: str, data_dir: Path, **ext
     test = rescored(test, folder / "test", data_dir / "test_caption.json") if test else {}
     timing = out / "seconds.json"
     seconds = json.loads(timing.read_text()).get(f"seed{job.seed}/{job.cell.name}") if timing.is_file() else None
+    logged = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()
+              if line.strip()] if (folder / "metrics.jsonl").is_file() else []
     judged = test or val
+    dial = config.get("base_noise_max_delta", 0.6)
     return {"study": study, "part": part, "arm": job.cell.name, "seed": job.seed,
-            **{key: config.get(key) for key in RUN_SETTINGS}, **extra,
+            **{key: config.get(key) for key in RUN_SETTINGS}, "base_noise_max_delta": dial,
+            "base": base_summary(folder.parent, dial), **extra,
+            "train_seconds": round(sum(e.get("seconds", 0) for e in logged if "step" in e), 1) if logged else None,
+            "eval_seconds": round(sum(e.get("seconds", 0) for e in logged if "eval" in e), 1) if logged else None,
             "val_per_epoch": per_epoch, "val_final": val, "test_final": test,
             "diverged": diverged(judged) if judged else None, "diverged_on": "test" if test else "val",
             "training": training_diagnostics(folder), "seconds": seconds}
@@ -426,6 +457,21 @@ def budget_report_cells(out: Path) -> list[Cell]:
     return cells
 
 
+def collect(out: Path) -> int:
+    """Every part's runs that exist in OUT, once each (a setting two parts share is one run: its first part)."""
+    items, seen = [], set()
+    for part in ("seeds", "map", "variants", "budget", "budget-test"):
+        try:
+            jobs = part_jobs(part, out)
+        except RuntimeError:  # budget-test before the selection runs are done
+            continue
+        for job in jobs:
+            if (job.cell.name, job.seed) not in seen:
+                seen.add((job.cell.name, job.seed))
+                items.append((part, job))
+    return write_results(out, RESULTS, items)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("run", "collect"))
@@ -439,8 +485,7 @@ def main(argv=None) -> None:
             raise ValueError("testbed_study.py run: name the part (seeds, map, variants, budget, budget-test)")
         run_part(out, args.part, args.workers)
     else:
-        write_results(out, RESULTS, [("seeds", job) for job in part_jobs("seeds", out)])
-        print(f"wrote {RESULTS.relative_to(REPO)}")
+        print(f"wrote {collect(out)} runs to {RESULTS.relative_to(REPO)}")
 
 
 if __name__ == "__main__":
