@@ -83,7 +83,8 @@ if [[ $DRY_RUN == 1 ]]; then
 else
     # Liger-Kernel is optional: bench_kernel.py leaves it out (and says so) when it cannot be imported.
     if ! python -c "import liger_kernel" 2>/dev/null; then
-        step liger 30 pip install --no-deps --timeout 10 --retries 0 liger-kernel
+        step liger 30 bash -c "pip install --no-deps --timeout 10 --retries 0 liger-kernel \
+            || echo 'Liger-Kernel not installable here (optional, not a failure)'"
     fi
     step bench_kernel 90 env -u TRITON_INTERPRET python bench/bench_kernel.py
     step bench_step 200 env -u TRITON_INTERPRET python bench/bench_step.py --model llava-7b --batch 16 \
