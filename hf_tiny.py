@@ -17,10 +17,12 @@ Sizes: hidden 64, 3 decoder layers, 2-layer vision towers, about 0.2M parameters
 
     python hf_tiny.py tiny-idefics3 runs/tiny-idefics3     # NAME (tiny-qwen2-vl | tiny-qwen2-5-vl |
                                                              # tiny-llava-onevision | tiny-idefics3) OUT_FOLDER
+                                                             # (new or empty: a folder with files is refused)
 """
 
 import argparse
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -161,7 +163,11 @@ def generic_llava(mllm: models.MLLM) -> hf_models.HFMLLM:
 
 
 def write(name: str, folder: str, seed: int = 0) -> str:
-    """The tiny model `name` (seeded) as a transformers folder: config, weights, processor, chat template."""
+    """The tiny model `name` (seeded) as a transformers folder: config, weights, processor, chat template. The
+    folder must be new or empty: its files would be overwritten (a run, a checkpoint, another model)."""
+    if Path(folder).is_file() or (Path(folder).is_dir() and any(Path(folder).iterdir())):
+        raise ValueError(f"{folder} exists and is not an empty folder; its files would be overwritten: "
+                         "pass a new or empty folder")
     build(name, seed).save(folder)
     return folder
 

@@ -2,16 +2,19 @@
 
 - `claim`: a new run refuses a folder that already holds a run (a checkpoint or a final model) unless
   --resume or --overwrite (which first removes that run's files, listed in RUN_FILES), and takes the
-  folder's lock for as long as it trains.
+  folder's lock for as long as it trains. A non-empty folder that holds no run (a model folder, anything
+  else) and the starting model's own folder are refused whatever the flags (`refuse_foreign_folder`).
 - `RunLock`: RUN/run.lock, held with flock(2) and holding the holder's pid, host and start time. A second
   run into the same folder stops with an error that names them. The kernel drops a flock when its process
   dies (kill -9 included), so a lock left by a killed run is seen as stale and taken over, with a note.
   The file is removed when a run ends normally. On a file system without locks (some FUSE mounts) the run
   goes on with a warning.
 - `fingerprint` / `check_resume`: RUN/run.json keeps the configuration a run started with, a fingerprint
-  of its starting model (every weight, config and tokenizer file: size and sha256) and of its training
-  files (task, name, size, sha256), and its steps per epoch. --resume recomputes them and refuses,
-  naming every difference, unless the field is in CHANGEABLE_ON_RESUME. Paths may change (a moved model
+  of its starting model (every weight, config, tokenizer, processor and chat-template file, WEIGHT_SUFFIXES:
+  size and sha256) and of its training files (task, name, size, sha256), and its steps per epoch. --resume
+  recomputes them and refuses, naming every difference, unless the field is in CHANGEABLE_ON_RESUME; a run
+  without run.json (an older train.py's) is compared with its config.json, paths as paths. A damaged run.json
+  or config.json is named (`read_record`). Paths may change (a moved model
   or data set with the same contents is the same run); contents may not. Hashing costs one read of the
   model (seconds per GB); on resume, files whose size and modification time are unchanged are not re-read.
 - `truncate_metrics`: on resume, RUN/metrics.jsonl is cut back (atomically) to its length when the
@@ -29,6 +32,7 @@ import dataclasses
 import datetime
 import errno
 import fcntl
+import fnmatch
 import hashlib
 import json
 import os
@@ -49,7 +53,12 @@ FINGERPRINTED = ("model", "train", "data_dir", "base_epochs")
 # What a run leaves in its folder; --overwrite removes exactly these.
 RUN_FILES = ("checkpoint-*", ".checkpoint-*.tmp", "latest", ".latest.tmp", "final", ".final.tmp", "metrics.jsonl",
              "config.json", "run.json", "eval_epoch*", "eval.json", "eval_noisy.json", "predictions_*.jsonl")
-WEIGHT_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".model", ".txt", ".tiktoken")
+# A model folder's files that shape what a run computes: weights, configs (model, generation, processor, the chat
+# template inside tokenizer_config.json or chat_template.json), tokenizer files (tokenizer.json, SentencePiece
+# .model, BPE merges.txt / vocab.txt, tiktoken ranks) and the chat template as a file of its own (.jinja).
+WEIGHT_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".model", ".txt", ".tiktoken", ".jinja")
+OLD_WEIGHT_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".model", ".txt", ".tiktoken")  # run.json without
+# "model_suffixes" (before .jinja was hashed): a resume compares these files only
 
 
 class RunFolderError(RuntimeError):
@@ -131,9 +140,54 @@ def holds_run(out_dir: Path) -> list[str]:
     return sorted(p.name for pattern in ("latest", "checkpoint-*", "final") for p in Path(out_dir).glob(pattern))
 
 
-def claim(out_dir, resume: bool, overwrite: bool) -> RunLock:
-    """Lock out_dir for this run; refuse a folder holding another run unless resume or overwrite."""
+def is_run_folder(out_dir: Path) -> bool:
+    """True if train.py wrote out_dir: a checkpoint, a final model, run.json, metrics.jsonl, or a config.json that is
+    a TrainConfig (a model folder's config.json is not)."""
     out_dir = Path(out_dir)
+    if holds_run(out_dir) or (out_dir / "run.json").exists() or (out_dir / "metrics.jsonl").exists():
+        return True
+    try:
+        config = json.loads((out_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "out_dir" in config and "method" in config
+
+
+def refuse_foreign_folder(out_dir: Path, model: str = "", keep: tuple = ()) -> None:
+    """--out-dir may be new, empty or a run's folder; never a model folder or anything else that is no run
+    (--overwrite would delete its config.json, a run would write over it), never the starting model's folder,
+    inside it (the model's fingerprint would read the run's files), or one of the run's own files (--model
+    RUN/final with --out-dir RUN: --overwrite deletes it, the run replaces it). `keep`: names (glob patterns) a
+    caller keeps beside its run (the testbed base's vision-stage/)."""
+    out_dir = Path(out_dir).resolve()
+    if model and Path(model).is_dir():
+        model_dir = Path(model).resolve()
+        inside = model_dir.is_relative_to(out_dir) and model_dir != out_dir
+        if out_dir.is_relative_to(model_dir):
+            raise RunFolderError(f"--out-dir {out_dir} is {'' if out_dir == model_dir else 'inside '}the --model "
+                                 f"folder {model_dir}: a run writes its own config.json, checkpoints and final model "
+                                 "there; pass another --out-dir")
+        if inside and any(model_dir.relative_to(out_dir).parts[0] == p.name for pattern in RUN_FILES
+                          for p in out_dir.glob(pattern)):
+            raise RunFolderError(f"--model {model_dir} is one of the run files of --out-dir {out_dir}, which this "
+                                 "run replaces (--overwrite deletes it first): copy the model elsewhere or pass "
+                                 "another --out-dir")
+    if not out_dir.is_dir() or is_run_folder(out_dir):
+        return
+    ignored = ("run.lock",) + tuple(keep)
+    found = sorted(p.name for p in out_dir.iterdir() if not any(fnmatch.fnmatch(p.name, k) for k in ignored))
+    if found:
+        shown = ", ".join(found[:8]) + (f", ... ({len(found)} entries)" if len(found) > 8 else "")
+        raise RunFolderError(f"--out-dir {out_dir} is not empty and holds no run of train.py ({shown}): a run "
+                             "would write over these files and --overwrite deletes a run's files only; pass a new "
+                             "or empty --out-dir")
+
+
+def claim(out_dir, resume: bool, overwrite: bool, model: str = "", keep: tuple = ()) -> RunLock:
+    """Lock out_dir for this run; refuse a folder holding another run unless resume or overwrite, and a folder
+    that is no run (refuse_foreign_folder)."""
+    out_dir = Path(out_dir)
+    refuse_foreign_folder(out_dir, model, keep)
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(out_dir).acquire()
     try:
@@ -204,7 +258,8 @@ def data_fingerprint(sources: list[tuple[str, str, str]], known: list | None = N
 def fingerprint(cfg, sources, steps_per_epoch: int, known: dict | None = None) -> dict:
     known = known or {}
     return {"config": dataclasses.asdict(cfg), "model": model_fingerprint(cfg.model, known.get("model")),
-            "data": data_fingerprint(sources, known.get("data")), "steps_per_epoch": steps_per_epoch}
+            "model_suffixes": list(WEIGHT_SUFFIXES), "data": data_fingerprint(sources, known.get("data")),
+            "steps_per_epoch": steps_per_epoch}
 
 
 def record_start(out_dir: Path, cfg, sources, steps_per_epoch: int) -> None:
@@ -214,13 +269,10 @@ def record_start(out_dir: Path, cfg, sources, steps_per_epoch: int) -> None:
 
 def differences(started: dict, now: dict) -> list[str]:
     """Every way `now` (a fingerprint) differs from the run's start, except CHANGEABLE_ON_RESUME fields."""
-    found = []
-    for key, then in started["config"].items():
-        if key in CHANGEABLE_ON_RESUME or key in FINGERPRINTED or key not in now["config"]:
-            continue
-        if now["config"][key] != then:
-            found.append(f"{key}: {then!r} at the start, {now['config'][key]!r} now")
-    model = _model_difference(started["model"], now["model"])
+    found = config_differences(started["config"], now["config"])
+    suffixes = tuple(started.get("model_suffixes", OLD_WEIGHT_SUFFIXES))  # files the start could have hashed
+    model = _model_difference(started["model"], {name: value for name, value in now["model"].items()
+                                                 if name == "builtin" or Path(name).suffix in suffixes})
     if model:
         found.append(f"starting model: {started['config']['model']} at the start, {now['config']['model']} now; "
                      + model)
@@ -241,6 +293,14 @@ def differences(started: dict, now: dict) -> list[str]:
     return found
 
 
+def config_differences(then: dict, now: dict, paths: bool = False) -> list[str]:
+    """The settings that differ, but for CHANGEABLE_ON_RESUME; FINGERPRINTED ones (paths) only with `paths`
+    (there is no fingerprint of their contents)."""
+    skipped = CHANGEABLE_ON_RESUME + (() if paths else FINGERPRINTED)
+    return [f"{key}: {value!r} at the start, {now[key]!r} now" for key, value in then.items()
+            if key not in skipped and key in now and now[key] != value]
+
+
 def _model_difference(then: dict, now: dict) -> str:
     """'' if the two model fingerprints have the same files with the same sha256, else what differs."""
     if "builtin" in then or "builtin" in now:
@@ -251,15 +311,45 @@ def _model_difference(then: dict, now: dict) -> str:
     return "; ".join(f"files {names} {what}" for names, what in parts if names)
 
 
+def read_record(path: Path, fields: dict) -> dict:
+    """A run's JSON record (run.json, config.json) as a dict holding `fields` ({name: type}); a damaged one is
+    named."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise RunFolderError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); the "
+                             "file is truncated or was edited: restore it, or start a new run (another --out-dir, or "
+                             "--overwrite)") from None
+    except UnicodeDecodeError as error:
+        raise RunFolderError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
+    if not isinstance(value, dict):
+        raise RunFolderError(f"{path}: holds a JSON {type(value).__name__}, expected the object train.py writes")
+    for name, kind in fields.items():
+        if not isinstance(value.get(name), kind):
+            raise RunFolderError(f"{path}: no {name!r} {kind.__name__}; not the record train.py writes (edited?)")
+    return value
+
+
 def check_resume(out_dir: Path, cfg, sources, steps_per_epoch: int) -> None:
     """--resume: refuse, naming every difference, unless this is the run OUT/run.json recorded."""
     out_dir = Path(out_dir)
     record = out_dir / "run.json"
-    if not record.is_file():
-        print(f"--resume: {out_dir} has no run.json (started by an older train.py): settings not compared")
-        return
-    started = json.loads(record.read_text())
-    found = differences(started, fingerprint(cfg, sources, steps_per_epoch, known=started))
+    if not record.is_file():  # started by an older train.py: its config.json still says how
+        record = out_dir / "config.json"
+        if not record.is_file():
+            print(f"--resume: {out_dir} has neither run.json nor config.json: settings not compared")
+            return
+        started = read_record(record, {})
+        print(f"--resume: {out_dir} has no run.json (started by an older train.py): settings compared with its "
+              "config.json, the model and the training files by path, not by contents")
+        found = config_differences(started, dataclasses.asdict(cfg), paths=True)
+    else:
+        started = read_record(record, {"config": dict, "model": dict, "data": list})
+        for field in ("model", "train", "data_dir"):
+            if field not in started["config"]:
+                raise RunFolderError(f"{record}: its config has no {field!r}; not a run.json that train.py wrote "
+                                     "(edited?)")
+        found = differences(started, fingerprint(cfg, sources, steps_per_epoch, known=started))
     if found:
         raise RunFolderError(
             f"--resume: {out_dir} was started with other settings, so its checkpoint cannot continue with these:\n  "

@@ -371,10 +371,12 @@ def on_rank0(fn, rank: int, world: int):
 
 
 @contextlib.contextmanager
-def claimed_run_folder(cfg: TrainConfig, rank: int, world: int):
-    """Rank 0 locks --out-dir for the run and refuses a folder holding another run (run_folder.claim)."""
+def claimed_run_folder(cfg: TrainConfig, rank: int, world: int, keep: tuple = ()):
+    """Rank 0 locks --out-dir for the run and refuses a folder holding another run, a folder that is no run and
+    the --model folder (run_folder.claim; `keep`: names the caller keeps beside the run)."""
     locks = []
-    on_rank0(lambda: locks.append(run_folder.claim(cfg.out_dir, cfg.resume, cfg.overwrite)), rank, world)
+    on_rank0(lambda: locks.append(run_folder.claim(cfg.out_dir, cfg.resume, cfg.overwrite, model=cfg.model,
+                                                   keep=keep)), rank, world)
     try:
         yield
     finally:
@@ -657,7 +659,7 @@ def pretrain_base_model(cfg: TrainConfig, rank: int, world: int, device) -> Path
             print(f"stage 2: pre-training the base {cfg.model} in {base_dir} ({cfg.base_epochs} epochs, every part "
                   "trains, noise-augmented)")
         started = time.perf_counter()
-        with claimed_run_folder(base, rank, world):
+        with claimed_run_folder(base, rank, world, keep=(tower_dir.name, "seconds.json")):
             _train(base, rank, world, device)
         if rank == 0:
             timing = base_dir / "seconds.json"  # where the base's time went (README, testbed study)

@@ -1,0 +1,225 @@
+"""Bad input on the generic path (issue 30): each case ends with one named error before anything is written or
+trained, never a traceback, a destroyed folder or a silently different run. Tiny Qwen2-VL folders from hf_tiny.py;
+most cases fail before a model loads, the few that train stop after one step.
+
+Covered: a run never writes into (nor --overwrite deletes) a folder that holds no run, the --model folder or one of
+its own run files (the testbed base beside its vision stage still trains); hf_tiny.py refuses a non-empty folder;
+--resume refuses a changed chat template (.jinja, chat_template.json, inside tokenizer_config.json), tokenizer or
+processor, compares config.json when run.json is missing, and names a damaged run.json / config.json; ...
+
+    python -m pytest -q tests/test_reliability.py
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hf_tiny
+import run_folder
+import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory) -> Path:
+    """A tiny Qwen2-VL folder, never changed by a test (copy it with `model_copy` to change it)."""
+    return Path(hf_tiny.write("tiny-qwen2-vl", str(tmp_path_factory.mktemp("model") / "tiny-qwen2-vl")))
+
+
+def model_copy(qwen: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "model"
+    shutil.copytree(qwen, copy)
+    return copy
+
+
+def settings(model, data_dir, out_dir, **overrides):
+    """8 records, global batch 4 as two micro-batches of 2, one epoch, no evaluation."""
+    base = dict(model=str(model), data_dir=str(data_dir), out_dir=str(out_dir), base_epochs=0, epochs=1,
+                batch_size=4, micro_batch_size=2, samples_per_dataset=4, eval_every_epoch=False)
+    return train.make_config(**{**base, **overrides})
+
+
+def folder_state(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def tool(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True)
+
+
+def error_line(done: subprocess.CompletedProcess) -> str:
+    """cli.py's one line of a tool that ended with bad input (exit 2, no traceback)."""
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    lines = [line for line in done.stderr.splitlines() if ": error: " in line]
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. A run folder never destroys what is not a run.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite"])
+def test_the_model_folder_is_never_the_run_folder(overwrite, qwen, synthetic_data_dir, tmp_path):
+    model = model_copy(qwen, tmp_path)
+    before = folder_state(model)
+    with pytest.raises(run_folder.RunFolderError, match=r"--out-dir .*model is the --model folder"):
+        train.main(settings(model, synthetic_data_dir, model, overwrite=overwrite))
+    with pytest.raises(run_folder.RunFolderError, match=r"--out-dir .*run is inside the --model folder"):
+        train.main(settings(model, synthetic_data_dir, model / "run", overwrite=overwrite))
+    assert folder_state(model) == before
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite"])
+def test_a_folder_holding_no_run_is_refused(overwrite, qwen, synthetic_data_dir, tmp_path):
+    other_model = model_copy(qwen, tmp_path)  # another model folder as --out-dir: its config.json is no TrainConfig
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    for out in (other_model, notes):
+        before = folder_state(out)
+        with pytest.raises(run_folder.RunFolderError, match=rf"--out-dir {out} is not empty and holds no run of "
+                                                            r"train.py \(.*(config.json|todo.txt)"):
+            train.main(settings("tiny-llava", synthetic_data_dir, out, overwrite=overwrite))
+        assert folder_state(out) == before
+
+
+def test_the_model_as_one_of_the_runs_own_files_is_refused(qwen, synthetic_data_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(qwen, run / "final")  # --model RUN/final --out-dir RUN: --overwrite would delete the model
+    (run / "config.json").write_text(json.dumps({"method": "nrca", "out_dir": str(run)}))
+    with pytest.raises(run_folder.RunFolderError, match=r"--model .*final is one of the run files of --out-dir"):
+        train.main(settings(run / "final", synthetic_data_dir, run, overwrite=True))
+    assert (run / "final" / "model.safetensors").is_file()
+
+
+def test_the_testbed_base_still_trains_beside_its_vision_stage(tmp_path, monkeypatch):
+    """The embedded default's base run: --model BASE/vision-stage, --out-dir BASE holding it and seconds.json."""
+    import testbed
+
+    class Trained(Exception):
+        pass
+
+    def train_stub(cfg, *args):
+        assert Path(cfg.model) == Path(cfg.out_dir) / "vision-stage" and (Path(cfg.out_dir) / "seconds.json").is_file()
+        raise Trained
+
+    root = tmp_path / "world"
+    (root / "pretrain").mkdir(parents=True)
+    (root / "pretrain" / "train_caption.json").write_text("[]")
+    monkeypatch.setattr(testbed, "ensure_world", lambda *args, **kwargs: False)
+    monkeypatch.setattr(testbed, "pretrain_vision_tower", lambda *args, **kwargs: 0.0)
+    monkeypatch.setattr(train, "_train", train_stub)
+    cfg = train.make_config(data_dir=str(root), out_dir=str(tmp_path / "runs" / "nrca"), base_epochs=1)
+    with pytest.raises(Trained):  # claimed, not refused
+        train.pretrain_base_model(cfg, 0, 1, torch.device("cpu"))
+
+
+def test_hf_tiny_refuses_a_non_empty_folder(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    done = tool("hf_tiny.py", "tiny-qwen2-vl", str(tmp_path / "run"))
+    assert error_line(done).startswith(f"hf_tiny.py: error: {tmp_path / 'run'} exists and is not an empty folder")
+    assert (tmp_path / "run" / "config.json").read_text() == "{}"
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. --resume fingerprints everything that shapes a training sequence; damaged run files are named.
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stopped(qwen, synthetic_data_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """(model, run): NRCA on a copy of the tiny Qwen2-VL, stopped with a checkpoint after step 1 of 2."""
+    root = tmp_path_factory.mktemp("stopped")
+    model = model_copy(qwen, root)
+    run = root / "run"
+    assert train.main(settings(model, synthetic_data_dir, run, stop_at_step=1)) == {"stopped_at_step": 1}
+    return model, run
+
+
+def resumable(stopped, tmp_path) -> tuple[Path, Path]:
+    """A copy of the stopped model and run to change and resume (the run's model path may change on resume)."""
+    model, run = tmp_path / "model", tmp_path / "run"
+    shutil.copytree(stopped[0], model)
+    shutil.copytree(stopped[1], run)
+    return model, run
+
+
+def edit_json(path: Path, change) -> None:
+    value = json.loads(path.read_text())
+    change(value)
+    path.write_text(json.dumps(value))
+
+
+TERSE = hf_tiny.QWEN_TEMPLATE.replace("You are a helpful assistant.", "You are terse.")  # a template that works
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda m: (m / "chat_template.jinja").write_text((m / "chat_template.jinja").read_text().replace(
+        "You are a helpful assistant.", "You are terse.")), r"files \['chat_template.jinja'\] differ"),
+    (lambda m: edit_json(m / "tokenizer_config.json", lambda c: c.update(chat_template=TERSE)),
+     r"files \['tokenizer_config.json'\] differ"),
+    (lambda m: (m / "chat_template.json").write_text(json.dumps({"chat_template": TERSE})),
+     r"files \['chat_template.json'\] new"),
+    (lambda m: edit_json(m / "processor_config.json", lambda c: c["image_processor"].update(merge_size=1)),
+     r"files \['processor_config.json'\] differ"),
+    (lambda m: (m / "tokenizer.json").write_text((m / "tokenizer.json").read_text().replace("<|im_end|>", "<|end|>")),
+     r"files \['tokenizer.json'\] differ"),
+], ids=["chat_template.jinja", "template-in-tokenizer_config", "chat_template.json", "processor", "tokenizer"])
+def test_resume_refuses_a_changed_template_tokenizer_or_processor(change, named, stopped, synthetic_data_dir,
+                                                                   tmp_path):
+    model, run = resumable(stopped, tmp_path)
+    change(model)
+    with pytest.raises(run_folder.RunFolderError, match=rf"starting model: .* at the start, .* now; {named}"):
+        train.main(settings(model, synthetic_data_dir, run, resume=True))
+    assert (run / "latest").read_text() == "checkpoint-1"
+
+
+def test_resume_without_run_json_compares_config_json(stopped, synthetic_data_dir, tmp_path):
+    model, run = resumable(stopped, tmp_path)
+    (run / "run.json").unlink()  # a run of an older train.py
+    with pytest.raises(run_folder.RunFolderError, match=r"method: 'nrca' at the start, 'full' now"):
+        train.main(settings(model, synthetic_data_dir, run, resume=True, method="full"))
+    (run / "config.json").unlink()  # nothing left to compare: a note, as before
+    cfg = settings(model, synthetic_data_dir, run, resume=True)
+    run_folder.check_resume(run, cfg, train.training_sources(cfg), 2)
+
+
+def test_a_run_started_before_templates_were_hashed_resumes(stopped, synthetic_data_dir, tmp_path, capsys):
+    model, run = resumable(stopped, tmp_path)
+    edit_json(run / "run.json", lambda r: (r.pop("model_suffixes"), r["model"].pop("chat_template.jinja")))
+    train.main(settings(model, synthetic_data_dir, run, resume=True))  # not "files ['chat_template.jinja'] new"
+    assert (run / "final").is_dir()
+
+
+@pytest.mark.parametrize("file, text, named", [
+    ("run.json", "{", r"run.json: not valid JSON \(line 1, column 2: Expecting property name"),
+    ("run.json", "[]", r"run.json: holds a JSON list, expected the object train.py writes"),
+    ("run.json", '{"config": {}, "model": {}, "data": []}', r"run.json: its config has no 'model'"),
+    ("config.json", "{", r"config.json: not valid JSON"),
+    ("config.json", '"nrca"', r"config.json: holds a JSON str"),
+], ids=["run.json-truncated", "run.json-list", "run.json-edited", "config.json-truncated", "config.json-str"])
+def test_damaged_run_files_are_named(file, text, named, stopped, synthetic_data_dir, tmp_path):
+    model, run = resumable(stopped, tmp_path)
+    if file == "config.json":
+        (run / "run.json").unlink()  # config.json is what --resume reads then
+    (run / file).write_text(text)
+    cfg = settings(model, synthetic_data_dir, run, resume=True)
+    with pytest.raises(run_folder.RunFolderError, match=named):
+        run_folder.check_resume(run, cfg, train.training_sources(cfg), 2)
+
+
+def test_a_damaged_run_json_ends_train_py_with_one_line(stopped, synthetic_data_dir, tmp_path):
+    model, run = resumable(stopped, tmp_path)
+    (run / "run.json").write_text("{")
+    done = tool("train.py", "--model", str(model), "--data-dir", str(synthetic_data_dir), "--out-dir", str(run),
+                "--epochs", "1", "--batch-size", "4", "--micro-batch-size", "2", "--samples-per-dataset", "4",
+                "--no-eval-every-epoch", "--resume")
+    assert error_line(done) == f"train.py: error: {run / 'run.json'}: not valid JSON (line 1, column 2: " \
+                                          "Expecting property name enclosed in double quotes); the file is truncated " \
+                                          "or was edited: restore it, or start a new run (another --out-dir, or " \
+                                          "--overwrite)"
