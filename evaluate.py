@@ -407,10 +407,10 @@ def resolve_checkpoint(path: str) -> tuple[str, dict]:
     if not folder.exists():
         raise FileNotFoundError(f"checkpoint or run folder {folder} does not exist")
     if (folder / "final").is_dir():
-        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+        config = _read_config(folder / "config.json") if (folder / "config.json").is_file() else {}
         return str(folder / "final"), config
     if (folder / "config.json").is_file():
-        config = json.loads((folder / "config.json").read_text())
+        config = _read_config(folder / "config.json")
         if "out_dir" in config and "method" in config:  # train.py's TrainConfig, not a model config
             raise FileNotFoundError(f"run folder {folder} has no final/ model (training unfinished? "
                                     f"checkpoint-* folders hold trainable tensors only, not a loadable model)")
@@ -419,9 +419,48 @@ def resolve_checkpoint(path: str) -> tuple[str, dict]:
                             "(a checkpoint's config.json)")
 
 
+def _read_config(path: Path) -> dict:
+    """A run's config.json (train.py's TrainConfig) or a model's; a damaged one is named."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
+                         "truncated or edited?") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: holds a JSON {type(config).__name__}, expected an object (train.py's settings "
+                         "or a model's config)")
+    return config
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
+def check_options(args) -> torch.device:
+    """main_evaluate's option ranges, before any model loads; returns the device."""
+    checks = [(args.batch_size >= 1, f"--batch-size {args.batch_size}: expected >= 1"),
+              (args.max_new_tokens is None or args.max_new_tokens >= 1,
+               f"--max-new-tokens {args.max_new_tokens}: expected >= 1"),
+              (args.limit >= 0, f"--limit {args.limit}: expected >= 0 (0: all records)"),
+              (0 <= args.delta <= 1, f"--delta {args.delta}: expected in [0, 1] (Eq. 2b)")]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        raise ValueError(f"--device {args.device!r}: not a device ({error})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available here (torch {torch.__version__}); pass "
+                         "--device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {args.device}: there are {torch.cuda.device_count()} CUDA devices")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {args.device}: expected cpu or cuda[:N]")
+    return device
+
+
 def _summary_line(result: dict) -> str:
     parts = []
     if "cider" in result:
@@ -464,20 +503,20 @@ def main_evaluate(argv: list[str]) -> dict:
     args = parser.parse_args(argv)
     import models
 
+    device = check_options(args)
     model_path, config = resolve_checkpoint(args.checkpoint)
     if config.get("train") and not (args.data or args.test):
-        raise SystemExit(f"evaluate.py: {args.checkpoint} was trained on --train datasets {config['train']}; pass "
-                         "their test splits with --test TASK:NAME=PATH (and --image-folder)")
+        raise ValueError(f"{args.checkpoint} was trained on --train datasets {config['train']}; pass their test "
+                         "splits with --test TASK:NAME=PATH (and --image-folder)")
     data = args.data or config.get("data_dir")
     if data is None and not args.test:
-        raise SystemExit(f"evaluate.py: no test data: pass --data DIR or --test TASK:NAME=PATH ({args.checkpoint} "
-                         "has no config.json with data_dir)")
+        raise ValueError(f"no test data: pass --data DIR or --test TASK:NAME=PATH ({args.checkpoint} has no "
+                         "config.json with data_dir)")
     out = args.out or (args.checkpoint if Path(args.checkpoint).is_dir() else None)
     if out is None:
-        raise SystemExit(f"evaluate.py: pass --out DIR for {args.checkpoint}")
+        raise ValueError(f"pass --out DIR for {args.checkpoint}")
     world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0),
                                                                       ("LOCAL_RANK", 0)))
-    device = torch.device(args.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -519,7 +558,7 @@ def main_table(argv: list[str]) -> str:
     args = parser.parse_args(argv)
     names = args.names or [run_name(r) for r in args.runs]
     if len(names) != len(args.runs):
-        raise SystemExit(f"evaluate.py table: {len(names)} names for {len(args.runs)} runs")
+        raise ValueError(f"table: {len(names)} names for {len(args.runs)} runs")
     table = format_table([(n, read_eval(r, args.noisy)) for n, r in zip(names, args.runs, strict=True)],
                          [read_eval(z, args.noisy) for z in args.zero_shot])
     print(table)
@@ -542,19 +581,38 @@ def main_plot(argv: list[str]) -> Path:
 def read_predictions(path: str | Path) -> dict[str, str]:
     """{id: prediction} from a predictions JSONL (evaluate_model's predictions_{task}.jsonl, or a user's);
     a malformed line stops with its file and line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"predictions file {path} does not exist")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
+    try:
+        whole = json.loads(content)
+    except json.JSONDecodeError:
+        whole = None
+    if isinstance(whole, list):
+        raise ValueError(f"{path}: a JSON array; expected JSON lines, one object with 'id' and 'prediction' per line "
+                         "(what evaluate.py writes in predictions_{task}.jsonl)")
     predictions = {}
-    for n, text in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for n, text in enumerate(content.splitlines(), 1):
         if not text.strip():
             continue
         try:
             line = json.loads(text)
         except json.JSONDecodeError as error:
-            raise SystemExit(f"{path} line {n}: not JSON ({error.msg} at column {error.colno}); "
+            raise ValueError(f"{path} line {n}: not JSON ({error.msg} at column {error.colno}); "
                              "expected one object with 'id' and 'prediction' per line") from None
         if not isinstance(line, dict) or "id" not in line or "prediction" not in line:
-            raise SystemExit(f"{path} line {n}: needs 'id' and 'prediction'")
+            raise ValueError(f"{path} line {n}: needs 'id' and 'prediction' (one JSON object per line)")
+        if not isinstance(line["prediction"], str):
+            raise ValueError(f"{path} line {n}: 'prediction' is a {type(line['prediction']).__name__} "
+                             f"({line['prediction']!r}), expected the model's text")
+        if not isinstance(line["id"], (str, int)) or isinstance(line["id"], bool):
+            raise ValueError(f"{path} line {n}: 'id' is a {type(line['id']).__name__}, expected a string or number")
         if str(line["id"]) in predictions:
-            raise SystemExit(f"{path} line {n}: duplicate id {line['id']!r}")
+            raise ValueError(f"{path} line {n}: duplicate id {line['id']!r}")
         predictions[str(line["id"])] = line["prediction"]
     return predictions
 

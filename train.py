@@ -70,8 +70,8 @@ class TrainConfig:
     train: list = _f(None, "TASK:NAME=PATH of a LLaVA/DataOptim JSON(L) file, repeatable; TASK is "
                            "caption or choice. Empty: the synthetic set in --data-dir")
     image_folder: str = _f("", "folder the records' image paths are relative to (default: the JSON's folder)")
-    test: list = _f(None, "TASK:NAME=PATH of a test split for the per-epoch evaluation, repeatable (with --train; "
-                          "default: the synthetic test split in --data-dir)")
+    test: list = _f(None, "TASK:NAME=PATH of a test split for the per-epoch evaluation, repeatable; required with "
+                          "--train (unless --no-eval-every-epoch); without --train the split of --data-dir is used")
     data_dir: str = _f("", "the testbed world (testbed.py), written here when absent (default: "
                            "data/testbed-seed{SEED})")
     base_epochs: int = _f(0, "built-in tiny models only (the embedded preset sets 3 for them): first pre-train "
@@ -122,7 +122,7 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_ratio: float = _f(0.03, "linear warm-up share of all steps, then cosine decay")
     max_grad_norm: float = _f(1.0, "gradient clipping (0: off)")
-    tune_last_layers: int = _f(2, "trainable decoder layers, counted from the top (-1: all)")
+    tune_last_layers: int = _f(2, "trainable decoder layers, counted from the top (-1: all; 0: the connector alone)")
     seed: int = _f(0, "seed of data order, noise and masks")
     # hardware
     precision: str = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32")
@@ -242,6 +242,15 @@ def validate_config(cfg: TrainConfig) -> None:
          f"--vila-downsample-order {cfg.vila_downsample_order!r}: auto, vila1.5 or nvila"),
         (cfg.max_length >= 8, f"--max-length {cfg.max_length}: too small"),
         (cfg.save_every >= 0 and cfg.stop_at_step >= 0, "--save-every / --stop-at-step must be >= 0"),
+        (cfg.tune_last_layers >= -1,
+         f"--tune-last-layers {cfg.tune_last_layers}: expected -1 (all) or >= 0 (0: the connector alone)"),
+        (cfg.samples_per_dataset >= 1, f"--samples-per-dataset {cfg.samples_per_dataset}: expected >= 1"),
+        (cfg.min_open_tokens >= 1, f"--min-open-tokens {cfg.min_open_tokens}: expected >= 1"),
+        (cfg.reg_lam is None or cfg.reg_lam >= 0, f"--reg-lam {cfg.reg_lam}: expected >= 0"),
+        (cfg.mi_pgd_steps is None or cfg.mi_pgd_steps >= 0, f"--mi-pgd-steps {cfg.mi_pgd_steps}: expected >= 0"),
+        (cfg.weight_decay >= 0, f"--weight-decay {cfg.weight_decay}: expected >= 0"),
+        (cfg.eval_limit >= 0, f"--eval-limit {cfg.eval_limit}: expected >= 0 (0: all records)"),
+        (cfg.eval_max_new_tokens >= 1, f"--eval-max-new-tokens {cfg.eval_max_new_tokens}: expected >= 1"),
         (cfg.diagnose_every >= 0, f"--diagnose-every {cfg.diagnose_every}: expected >= 0"),
         (not (cfg.diagnose_every and int(os.environ.get("WORLD_SIZE", 1)) > 1),
          "--diagnose-every runs single-process only (the extra backward would bypass DDP/FSDP's gradient sync)"),

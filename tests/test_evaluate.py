@@ -269,10 +269,10 @@ def _score_files(tmp_path, predictions: list[str]) -> list[str]:
 def test_score_command_names_the_malformed_line(tmp_path):
     lines = [json.dumps({"id": k, "prediction": v[0]}) for k, v in REFERENCES.items()]
     argv = _score_files(tmp_path, [lines[0], '{"id": "img2", "prediction": "cut short', lines[2]])
-    with pytest.raises(SystemExit, match=r"predictions.jsonl line 2: not JSON \(Unterminated string"):
+    with pytest.raises(ValueError, match=r"predictions.jsonl line 2: not JSON \(Unterminated string"):
         evaluate.main(argv)
     argv = _score_files(tmp_path, [lines[0], '["img2", "a list"]', lines[2]])
-    with pytest.raises(SystemExit, match=r"predictions.jsonl line 2: needs 'id' and 'prediction'"):
+    with pytest.raises(ValueError, match=r"predictions.jsonl line 2: needs 'id' and 'prediction'"):
         evaluate.main(argv)
 
 
@@ -404,5 +404,5 @@ def test_cli_on_a_run_folder_and_data_override(tmp_path, tiny_llava, capsys):
 
     config["train"] = ["caption:flickr30k=/data/f30k.json"]
     (run / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SystemExit, match="--test"):
+    with pytest.raises(ValueError, match="--test"):
         evaluate.main([str(run)])

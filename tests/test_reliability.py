@@ -5,7 +5,10 @@ most cases fail before a model loads, the few that train stop after one step.
 Covered: a run never writes into (nor --overwrite deletes) a folder that holds no run, the --model folder or one of
 its own run files (the testbed base beside its vision stage still trains); hf_tiny.py refuses a non-empty folder;
 --resume refuses a changed chat template (.jinja, chat_template.json, inside tokenizer_config.json), tokenizer or
-processor, compares config.json when run.json is missing, and names a damaged run.json / config.json; ...
+processor, compares config.json when run.json is missing, and names a damaged run.json / config.json; train.py's
+and evaluate.py's option ranges (limits, token counts, layer counts, batch sizes, devices) are checked before a model
+loads; evaluate.py names a damaged RUN/config.json and a model folder without data, and `score` bad prediction
+lines, each in cli.py's one line with exit 2; ...
 
     python -m pytest -q tests/test_reliability.py
 """
@@ -223,3 +226,107 @@ def test_a_damaged_run_json_ends_train_py_with_one_line(stopped, synthetic_data_
                                           "Expecting property name enclosed in double quotes); the file is truncated " \
                                           "or was edited: restore it, or start a new run (another --out-dir, or " \
                                           "--overwrite)"
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Every option range checked before a model loads; evaluate.py's errors in cli.py's one line.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag, value, named", [
+    ("--eval-limit", "-1", r"--eval-limit -1: expected >= 0 \(0: all records\)"),
+    ("--eval-max-new-tokens", "0", "--eval-max-new-tokens 0: expected >= 1"),
+    ("--tune-last-layers", "-5", r"--tune-last-layers -5: expected -1 \(all\) or >= 0 \(0: the connector alone\)"),
+    ("--samples-per-dataset", "0", "--samples-per-dataset 0: expected >= 1"),
+    ("--min-open-tokens", "0", "--min-open-tokens 0: expected >= 1"),
+    ("--reg-lam", "-1", "--reg-lam -1.0: expected >= 0"),
+    ("--mi-pgd-steps", "-1", "--mi-pgd-steps -1: expected >= 0"),
+    ("--weight-decay", "-0.1", "--weight-decay -0.1: expected >= 0"),
+])
+def test_train_option_ranges(flag, value, named):
+    with pytest.raises(ValueError, match=rf"^{named}$"):
+        train.parse_config([flag, value])
+
+
+@pytest.fixture(scope="module")
+def evaluate_main():
+    import evaluate
+    import models
+
+    def main(argv):
+        def no_loading(*args, **kwargs):
+            raise AssertionError("a model loaded before the options were checked")
+
+        real, models.load_model = models.load_model, no_loading
+        try:
+            return evaluate.main(argv)
+        finally:
+            models.load_model = real
+
+    return main
+
+
+@pytest.mark.parametrize("options, named", [
+    (["--limit", "-1"], r"--limit -1: expected >= 0 \(0: all records\)"),
+    (["--batch-size", "0"], "--batch-size 0: expected >= 1"),
+    (["--max-new-tokens", "-3"], "--max-new-tokens -3: expected >= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: expected >= 1"),
+    (["--delta", "1.5"], r"--delta 1.5: expected in \[0, 1\]"),
+    (["--device", "meta"], "--device meta: expected cpu or cuda"),
+    (["--device", "nonsense"], "--device 'nonsense': not a device"),
+])
+def test_evaluate_option_ranges(options, named, evaluate_main, qwen, synthetic_data_dir):
+    with pytest.raises(ValueError, match=rf"^{named}"):
+        evaluate_main([str(qwen), "--data", str(synthetic_data_dir), *options])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_evaluate_on_cuda_without_cuda_is_named(evaluate_main, qwen, synthetic_data_dir):
+    with pytest.raises(ValueError, match=r"^--device cuda: CUDA is not available here"):
+        evaluate_main([str(qwen), "--data", str(synthetic_data_dir), "--device", "cuda"])
+
+
+@pytest.mark.parametrize("text, named", [
+    ("{", r"config.json: not valid JSON \(line 1, column 2"),
+    ("[1, 2]", r"config.json: holds a JSON list, expected an object"),
+])
+def test_evaluate_names_a_damaged_run_config(text, named, evaluate_main, tmp_path):
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=named):
+        evaluate_main([str(run)])
+
+
+def test_evaluate_a_model_folder_without_data_is_one_line(qwen):
+    done = tool("evaluate.py", str(qwen))
+    assert error_line(done) == f"evaluate.py: error: no test data: pass --data DIR or --test TASK:NAME=PATH ({qwen} " \
+                               "has no config.json with data_dir)"
+
+
+SCORE_REFERENCES = [{"id": f"img{k}", "image": f"img{k}.png", "references": ["a red circle"],
+                     "conversations": [{"from": "human", "value": "<image>\nDescribe."}]} for k in (1, 2)]
+
+
+@pytest.mark.parametrize("lines, named", [
+    (['{"id": "img1", "prediction": "a"}', '{"id": "img1", "prediction": "b"}'], "line 2: duplicate id 'img1'"),
+    (['{"id": "img1", "prediction": "a"}', "not json"], r"line 2: not JSON \(Expecting value at column 1\)"),
+    (['{"id": "img1"}'], "line 1: needs 'id' and 'prediction'"),
+    (['[{"id": "img1", "prediction": "a"}, {"id": "img2", "prediction": "b"}]'], "a JSON array; expected JSON lines"),
+    (["[", '{"id": "img1", "prediction": "a"}', "]"], "a JSON array; expected JSON lines"),
+    (['{"id": "img1", "prediction": 5}'], r"line 1: 'prediction' is a int \(5\), expected the model's text"),
+    (['{"id": ["img1"], "prediction": "a"}'], "line 1: 'id' is a list, expected a string or number"),
+], ids=["duplicate-id", "not-json", "no-prediction", "json-array", "json-array-multiline", "prediction-int", "id-list"])
+def test_score_names_bad_predictions(lines, named, tmp_path):
+    import evaluate
+
+    (tmp_path / "refs.json").write_text(json.dumps(SCORE_REFERENCES))
+    (tmp_path / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=rf"predictions.jsonl:? {named}"):
+        evaluate.main(["score", str(tmp_path / "predictions.jsonl"), str(tmp_path / "refs.json")])
+
+
+def test_score_bad_input_is_one_line_with_exit_2(tmp_path):
+    (tmp_path / "refs.json").write_text(json.dumps(SCORE_REFERENCES))
+    (tmp_path / "predictions.jsonl").write_text('{"id": "img1", "prediction": 5}\n')
+    done = tool("evaluate.py", "score", str(tmp_path / "predictions.jsonl"), str(tmp_path / "refs.json"))
+    assert error_line(done) == f"evaluate.py: error: {tmp_path / 'predictions.jsonl'} line 1: 'prediction' is a int " \
+                               "(5), expected the model's text"
