@@ -30,6 +30,10 @@ attention shares of Table 1 need them (README, "Models and methods").
   loads are identical) with a byte-level BPE tokenizer trained here in milliseconds; they train on a
   laptop CPU in minutes and are the embedded default of the repository.
 Greedy generation (`MLLM.generate`) runs a KV-cached loop over the training forward.
+A broken generic folder is named before or instead of transformers' own failure: a missing weights, tokenizer,
+tokenizer_config.json or processor file, no chat template, a config.json that disagrees with its weights (missing,
+unexpected or reshaped tensors, which transformers would initialise at random with a report only), a tokenizer
+larger than the embedding (`_load_generic`).
 
 Not here: the chat template and tokenisation of conversations (data.py), the generic adapter
 (hf_models.py), losses (nrca.py, methods.py), training (train.py). Original-format LLaVA checkpoints
@@ -501,8 +505,83 @@ def _load_generic(path: str, config: dict, dtype, attn_implementation):
             "qwen2_vl, llava_onevision, idefics3, ...) or a VILA1.5 folder (config.json + llm/ + vision_tower/ + "
             "mm_projector/). Original-format LLaVA (liuhaotian/llava-v1.5-7b) must first be converted with "
             "transformers' convert_llava_weights_to_hf.py")
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
-    return hf_models.HFMLLM(model, hf_models.load_processor(path))
+    _check_generic_files(path)
+    try:
+        # Mismatched shapes reported in `loading` (named below), not raised as transformers' "look at the report".
+        model, loading = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True,
+            ignore_mismatched_sizes=True)
+    except torch.OutOfMemoryError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, StrictDataclassError) as error:  # the user's
+        # folder (a config transformers' validation refuses, a damaged file), not our code: bad input
+        raise ValueError(f"load_model: transformers cannot load the model in {path}: {_first_line(error)}") from error
+    _check_loading(path, loading)
+    try:
+        processor = hf_models.load_processor(path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"load_model: transformers cannot load the processor in {path}: {_first_line(error)}"
+                         ) from error
+    if getattr(processor, "chat_template", None) is None:
+        raise ValueError(f"load_model: {path} has no chat template (chat_template.jinja, chat_template.json or "
+                         "tokenizer_config.json's chat_template): prompts and labels come from it")
+    vocabulary, rows = len(processor.tokenizer), model.get_input_embeddings().num_embeddings
+    if vocabulary > rows:
+        raise ValueError(f"load_model: the tokenizer in {path} has {vocabulary} tokens, the model's embedding "
+                         f"{rows} rows: tokenizer and weights do not belong together")
+    return hf_models.HFMLLM(model, processor)
+
+
+try:  # what transformers' config validation raises (huggingface_hub's strict dataclasses)
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # an older huggingface_hub: configs were not validated
+    StrictDataclassError = ValueError
+
+# The files a transformers image-text-to-text folder needs besides config.json, as alternatives.
+GENERIC_FILES = {
+    "weights": ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json"),
+    "tokenizer": ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "qwen.tiktoken"),
+    "tokenizer settings": ("tokenizer_config.json",),  # without it the special tokens differ (eos, pad, bos)
+    "image processor settings": ("processor_config.json", "preprocessor_config.json"),
+}
+
+
+def _check_generic_files(path: str) -> None:
+    """Name the first missing part of a generic folder before transformers fails on it somewhere deeper (or, for
+    tokenizer_config.json, loads a tokenizer with other special tokens)."""
+    for part, names in GENERIC_FILES.items():
+        if not any(os.path.isfile(os.path.join(path, name)) for name in names):
+            raise FileNotFoundError(f"load_model: {path} has no {part} ({' or '.join(names)}): an incomplete "
+                                    "download or copy?")
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if os.path.isfile(os.path.join(path, index)):
+            shards = sorted(set(_read_json(os.path.join(path, index)).get("weight_map", {}).values()))
+            missing = [name for name in shards if not os.path.isfile(os.path.join(path, name))]
+            if missing:
+                raise FileNotFoundError(f"load_model: {path}/{index} lists weight files that are missing: {missing}")
+
+
+def _check_loading(path: str, loading: dict) -> None:
+    """A config that disagrees with its weights: transformers initialises missing tensors at random and drops
+    unexpected ones with a report only; here that is an error naming them."""
+    problems = []
+    for key, what in (("missing_keys", "missing from the weights (they would start random)"),
+                      ("unexpected_keys", "in the weights but not in the model config.json describes"),
+                      ("mismatched_keys", "of another shape in the weights")):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in loading.get(key) or ())
+        if names:
+            problems.append(f"{len(names)} tensors {what}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")
+    problems += [str(message) for message in loading.get("error_msgs") or ()]
+    if problems:
+        raise ValueError(f"load_model: {path}/config.json does not match its weights: {'; '.join(problems)}")
+
+
+def _first_line(error: Exception) -> str:
+    """The start of a library's message, on one line (its first two lines: a validator's name, then its reason)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = " ".join(lines[:2]) or type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _read_json(path: str) -> dict:

@@ -8,7 +8,9 @@ its own run files (the testbed base beside its vision stage still trains); hf_ti
 processor, compares config.json when run.json is missing, and names a damaged run.json / config.json; train.py's
 and evaluate.py's option ranges (limits, token counts, layer counts, batch sizes, devices) are checked before a model
 loads; evaluate.py names a damaged RUN/config.json and a model folder without data, and `score` bad prediction
-lines, each in cli.py's one line with exit 2; ...
+lines, each in cli.py's one line with exit 2; a broken model folder (no weights, tokenizer, tokenizer_config.json,
+processor settings or chat template; a config.json with a layer more or less, another intermediate or vocabulary
+size) is named by load_model, also through evaluate.py; ...
 
     python -m pytest -q tests/test_reliability.py
 """
@@ -330,3 +332,56 @@ def test_score_bad_input_is_one_line_with_exit_2(tmp_path):
     done = tool("evaluate.py", "score", str(tmp_path / "predictions.jsonl"), str(tmp_path / "refs.json"))
     assert error_line(done) == f"evaluate.py: error: {tmp_path / 'predictions.jsonl'} line 1: 'prediction' is a int " \
                                "(5), expected the model's text"
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Broken model folders named: one line, before or instead of transformers' own failure.
+# ---------------------------------------------------------------------------------------------
+def more_layers(config: dict) -> None:
+    text = config["text_config"]
+    text.update(num_hidden_layers=text["num_hidden_layers"] + 1, layer_types=text["layer_types"] + ["full_attention"])
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda m: (m / "model.safetensors").unlink(), r"has no weights \(model.safetensors or "),
+    (lambda m: (m / "tokenizer.json").unlink(), r"has no tokenizer \(tokenizer.json or "),
+    (lambda m: (m / "tokenizer_config.json").unlink(), r"has no tokenizer settings \(tokenizer_config.json\)"),
+    (lambda m: (m / "processor_config.json").unlink(),
+     r"has no image processor settings \(processor_config.json or preprocessor_config.json\)"),
+    (lambda m: (m / "chat_template.jinja").unlink(), r"has no chat template \(chat_template.jinja, "),
+    (lambda m: edit_json(m / "config.json", more_layers),
+     r"config.json does not match its weights: 12 tensors missing from the weights \(they would start random\): "
+     r"model.language_model.layers.3."),
+    (lambda m: edit_json(m / "config.json", lambda c: c["text_config"].update(num_hidden_layers=4)),
+     r"transformers cannot load the model in .*: Class validation error .*`num_hidden_layers` \(4\) must be equal "
+     r"to the number of `layer_types` \(3\)"),
+    (lambda m: edit_json(m / "config.json", lambda c: c["text_config"].update(num_hidden_layers=2, layer_types=[
+        "full_attention"] * 2)), r"config.json does not match its weights: 12 tensors in the weights but not in the "
+                                 r"model config.json describes: model.language_model.layers.2."),
+    (lambda m: edit_json(m / "config.json", lambda c: c["text_config"].update(intermediate_size=96)),
+     r"config.json does not match its weights: 9 tensors of another shape in the weights: "
+     r"model.language_model.layers.0.mlp.down_proj.weight"),
+    (lambda m: edit_json(m / "config.json", lambda c: c["text_config"].update(vocab_size=600)),
+     r"config.json does not match its weights: 2 tensors of another shape"),
+], ids=["no-weights", "no-tokenizer.json", "no-tokenizer_config", "no-processor_config", "no-chat-template",
+        "one-layer-more", "layer-count-without-types", "one-layer-less", "intermediate-size", "vocab-size"])
+def test_broken_model_folders_are_named(change, named, qwen, tmp_path):
+    import cli
+    import models
+
+    model = model_copy(qwen, tmp_path)
+    change(model)
+    with pytest.raises((ValueError, FileNotFoundError), match=named) as error:
+        models.load_model(str(model))
+    assert str(error.value).startswith("load_model: ") and str(model) in str(error.value)
+    assert cli.is_bad_input(error.value)  # train.py / evaluate.py: one line, exit 2
+
+
+def test_evaluate_names_a_run_whose_final_model_lost_its_tokenizer(qwen, synthetic_data_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(qwen, run / "final")
+    (run / "final" / "tokenizer.json").unlink()
+    (run / "config.json").write_text(json.dumps({"method": "nrca", "out_dir": str(run),
+                                                 "data_dir": str(synthetic_data_dir)}))
+    assert error_line(tool("evaluate.py", str(run))).startswith(f"evaluate.py: error: load_model: {run / 'final'} "
+                                                                "has no tokenizer (tokenizer.json or ")
