@@ -24,7 +24,8 @@ records, multi-task mixing, image loading, collation, and the synthetic embedded
 - Bad input (missing/unreadable image, malformed JSON, no answer turn, prompt longer than max_length)
   raises `DataError` / `FileNotFoundError` naming the file, the record id and the problem;
   `skip_bad_records=True` turns record-level errors into skips that are logged one by one and kept in
-  a `skipped` list. A malformed JSON file always raises (no record of it can be trusted).
+  a `skipped` list. A malformed JSON file always raises (no record of it can be trusted), and so does a data set
+  with no record (an empty file, an empty JSON list, every record skipped): it would silently leave the mix.
 
 Not here: the model's image processors (models.py), evaluation splits' scoring (evaluate.py), records
 with several images or none (rejected with a clear error).
@@ -301,6 +302,8 @@ def _parse_json_or_jsonl(path: Path) -> list:
                             f"{error.msg}") from None
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of records")
+        if not data:  # as an empty file: a data set that would silently leave the mix
+            raise DataError(f"{path}: an empty JSON list (no records)")
         return data
     if text.lstrip().startswith("{"):
         try:
@@ -390,7 +393,13 @@ def mix_datasets(sources, samples_per_dataset: int = 10_000, seed: int = 0, skip
         if source.name in names:
             raise ValueError(f"dataset name {source.name!r} appears twice in the mix")
         names.add(source.name)
-        records = load_records(source.path, skip_bad_records=skip_bad_records, skipped=skipped)
+        bad = []
+        records = load_records(source.path, skip_bad_records=skip_bad_records, skipped=bad)
+        if skipped is not None:
+            skipped.extend(bad)
+        if not records:  # every record skipped: the task would silently leave the mix
+            raise DataError(f"dataset {source.name!r} ({source.path}): no usable record, all {len(bad)} skipped as "
+                            f"bad (first: {bad[0] if bad else '-'})")
         rng = random.Random(f"{seed}/{source.name}")  # str seeds are stable across runs and processes
         if len(records) <= samples_per_dataset:
             chosen = list(range(len(records)))

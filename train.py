@@ -405,6 +405,22 @@ def training_sources(cfg: TrainConfig) -> list[tuple[str, str, str]]:
             ("choice", "synthetic-choice", str(root / "train_choice.json"))]
 
 
+def check_test_splits(cfg: TrainConfig, world: int) -> None:
+    """The --test files the per-epoch evaluation will read (the records it evaluates, --eval-limit of them): valid
+    test records whose images open, checked before training rather than at the end of the first epoch."""
+    if not cfg.train or not cfg.test or not (cfg.eval_every_epoch and not (cfg.fsdp and world > 1)):
+        return
+    import evaluate
+
+    for spec in cfg.test:
+        task, name, path = evaluate.parse_test_spec(spec)
+        records = evaluate.load_test_split(path, task)
+        folder = Path(cfg.image_folder) if cfg.image_folder else Path(path).parent  # as evaluate_model
+        for record in records[:cfg.eval_limit or None]:
+            data.open_image(folder / record["image"], f"--test {task}:{name} record {record['id']!r}",
+                            header_only=True)
+
+
 def build_dataset(cfg: TrainConfig, mllm, rank: int, world: int):
     sources = training_sources(cfg)
     if cfg.train:
@@ -711,6 +727,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     if remainder or accumulation == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size "
                          f"{cfg.micro_batch_size} x {world} ranks")
+    on_rank0(lambda: check_test_splits(cfg, world), rank, world)  # named before step 1, not after an epoch
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")

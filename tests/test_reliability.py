@@ -10,7 +10,8 @@ and evaluate.py's option ranges (limits, token counts, layer counts, batch sizes
 loads; evaluate.py names a damaged RUN/config.json and a model folder without data, and `score` bad prediction
 lines, each in cli.py's one line with exit 2; a broken model folder (no weights, tokenizer, tokenizer_config.json,
 processor settings or chat template; a config.json with a layer more or less, another intermediate or vocabulary
-size) is named by load_model, also through evaluate.py; ...
+size) is named by load_model, also through evaluate.py; an empty data set in a mix (`[]`, or every record skipped)
+and a bad --test file (a record, a missing image) are errors before step 1.
 
     python -m pytest -q tests/test_reliability.py
 """
@@ -160,6 +161,13 @@ def edit_json(path: Path, change) -> None:
     path.write_text(json.dumps(value))
 
 
+def swap_two_tokens(tokenizer: dict) -> None:
+    """Another tokenizer of the same size: the ids of two BPE tokens exchanged."""
+    vocab = tokenizer["model"]["vocab"]
+    a, b = list(vocab)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+
+
 TERSE = hf_tiny.QWEN_TEMPLATE.replace("You are a helpful assistant.", "You are terse.")  # a template that works
 
 
@@ -172,8 +180,7 @@ TERSE = hf_tiny.QWEN_TEMPLATE.replace("You are a helpful assistant.", "You are t
      r"files \['chat_template.json'\] new"),
     (lambda m: edit_json(m / "processor_config.json", lambda c: c["image_processor"].update(merge_size=1)),
      r"files \['processor_config.json'\] differ"),
-    (lambda m: (m / "tokenizer.json").write_text((m / "tokenizer.json").read_text().replace("<|im_end|>", "<|end|>")),
-     r"files \['tokenizer.json'\] differ"),
+    (lambda m: edit_json(m / "tokenizer.json", swap_two_tokens), r"files \['tokenizer.json'\] differ"),
 ], ids=["chat_template.jinja", "template-in-tokenizer_config", "chat_template.json", "processor", "tokenizer"])
 def test_resume_refuses_a_changed_template_tokenizer_or_processor(change, named, stopped, synthetic_data_dir,
                                                                    tmp_path):
@@ -385,3 +392,45 @@ def test_evaluate_names_a_run_whose_final_model_lost_its_tokenizer(qwen, synthet
                                                  "data_dir": str(synthetic_data_dir)}))
     assert error_line(tool("evaluate.py", str(run))).startswith(f"evaluate.py: error: load_model: {run / 'final'} "
                                                                 "has no tokenizer (tokenizer.json or ")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3 (part). Bad data named before step 1: an empty data set, a bad --test file.
+# ---------------------------------------------------------------------------------------------
+def test_an_empty_data_file_in_a_mix_is_an_error(synthetic_data_dir, tmp_path):
+    import data
+
+    choice = ("q", str(synthetic_data_dir / "train_choice.json"), "choice")
+    for text in ("[]", " [ ]\n", ""):
+        (tmp_path / "empty.json").write_text(text)
+        with pytest.raises(data.DataError, match=rf"{tmp_path / 'empty.json'}: (an empty JSON list|empty file)"):
+            data.mix_datasets([("c", str(tmp_path / "empty.json"), "caption"), choice])
+    (tmp_path / "bad.json").write_text(json.dumps([{"id": 1, "image": "a.png", "conversations": []}]))
+    with pytest.raises(data.DataError, match=r"dataset 'c' \(.*bad.json\): no usable record, all 1 skipped as bad"):
+        data.mix_datasets([("c", str(tmp_path / "bad.json"), "caption"), choice], skip_bad_records=True)
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda records: records[1].update(answer="Z"),
+     r"test_choice.json record 1 \(id 'synthetic-test-00001-choice'\): answer 'Z' is not among its 4 options"),
+    (lambda records: records[2].update(image="images/missing.png"),
+     r"--test choice:q record 'synthetic-test-00002-choice': image .*images/missing.png does not exist"),
+], ids=["bad-answer", "missing-image"])
+def test_a_bad_test_file_is_named_before_training(change, named, synthetic_data_dir, tmp_path, monkeypatch):
+    import models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model loaded (training started) before the --test files were checked")
+
+    records = json.loads((synthetic_data_dir / "test_choice.json").read_text())
+    change(records)
+    test = tmp_path / "test_choice.json"
+    test.write_text(json.dumps(records))
+    monkeypatch.setattr(models, "load_model", no_loading)
+    cfg = settings("tiny-llava", synthetic_data_dir, tmp_path / "run", eval_every_epoch=True,
+                   image_folder=str(synthetic_data_dir),
+                   train=[f"caption:c={synthetic_data_dir / 'train_caption.json'}",
+                          f"choice:q={synthetic_data_dir / 'train_choice.json'}"],
+                   test=[f"caption:c={synthetic_data_dir / 'test_caption.json'}", f"choice:q={test}"])
+    with pytest.raises((ValueError, FileNotFoundError), match=named):
+        train.main(cfg)
