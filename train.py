@@ -860,7 +860,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     if rank == 0 and epoch_results:  # every epoch's evaluation, those before a --resume too
         import reporting
 
-        print_results(cfg, [(int(epoch), result) for epoch, result in reporting.epoch_evals(out_dir)])
+        print_results(cfg, [(int(epoch), result) for epoch, result in reporting.epoch_evals(out_dir)],
+                      attention=mllm.kind != "hf")  # Table 1's shares: LLaVA-1.5 / VILA1.5 only
     return summary
 
 
@@ -948,14 +949,15 @@ def gradient_diagnostics(named_params):
     return diagnose
 
 
-def print_results(cfg: TrainConfig, epoch_results: list):
+def print_results(cfg: TrainConfig, epoch_results: list, attention: bool = True):
     """The per-epoch test scores (paper Fig. 1): CIDEr (x100), multiple-choice accuracy (%), their mean."""
     print(f"\n{cfg.method} on {cfg.model} ({cfg.out_dir}):")
     print("| epoch | CIDEr | accuracy | AVG | unparsable answers |\n|---|---|---|---|---|")
     for epoch, result in epoch_results:
         cells = [f"{result[k]:.2f}" if result.get(k) is not None else "-" for k in ("cider", "accuracy", "avg")]
         print(f"| {epoch} | {' | '.join(cells)} | {result.get('n_unparsable', '-')} |")
-    print(f"model: {Path(cfg.out_dir) / 'final'}; more: python evaluate.py {cfg.out_dir} [--noisy] [--attention]")
+    print(f"model: {Path(cfg.out_dir) / 'final'}; more: python evaluate.py {cfg.out_dir} [--noisy]"
+          + (" [--attention]" if attention else ""))
 
 
 if __name__ == "__main__":

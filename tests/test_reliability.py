@@ -204,8 +204,12 @@ def test_resume_without_run_json_compares_config_json(stopped, synthetic_data_di
 def test_a_run_started_before_templates_were_hashed_resumes(stopped, synthetic_data_dir, tmp_path, capsys):
     model, run = resumable(stopped, tmp_path)
     edit_json(run / "run.json", lambda r: (r.pop("model_suffixes"), r["model"].pop("chat_template.jinja")))
-    train.main(settings(model, synthetic_data_dir, run, resume=True))  # not "files ['chat_template.jinja'] new"
+    capsys.readouterr()
+    train.main(settings(model, synthetic_data_dir, run, resume=True, eval_every_epoch=True, eval_limit=1,
+                        eval_max_new_tokens=2))  # not "files ['chat_template.jinja'] new"
     assert (run / "final").is_dir()
+    closing = capsys.readouterr().out.splitlines()[-1]  # Table 1's attention shares are not offered for Qwen2-VL
+    assert closing == f"model: {run / 'final'}; more: python evaluate.py {run} [--noisy]"
 
 
 @pytest.mark.parametrize("file, text, named", [
