@@ -12,8 +12,8 @@ record's "scene", written by testbed.py), so a change of phrasing leaves them un
     grounded_fabricated     % of captions with a whole ungrounded detail of the training captions
                             (testbed.UNGROUNDED_DETAILS: nothing in any test picture or reference shows one)
     grounded_detail_word    % of captions with any word of DETAIL_WORDS (the details' nouns and adjectives):
-                            whole details and broken ones ("near the right of the school"); the post-hoc
-                            count of scripts/study_report.py, kept here as has_detail_word
+                            whole details and broken ones ("near the right of the school"); the first
+                            study's post-hoc count, made a score here (has_detail_word)
     grounded_size_prior     of the captions whose picture contradicts the size prior of its shape in the
                             fine-tuning captions (testbed.SIZE_PRIOR: circles "large", squares and triangles
                             "small"), % that name the prior's size: the language prior winning over the image
@@ -46,8 +46,8 @@ How a caption is read (words(), named_values()):
   word, not twice; in "on the kitchen ones , side left" it is left (the comma ends the phrase); in "on the
   left near the kitchen window" it is left (the phrase starts at "near", the nearest lead). grounded_fabricated
   stays "a whole detail" (as in the first study, so its numbers stay comparable); grounded_detail_word is the
-  wider count. DETAIL_WORDS leaves out the details' function words (to, at, near, ...) and "drawn", which
-  scripts/study_report.py's detail_words() counted: "near the right of the picture" alone is no detail word.
+  wider count. DETAIL_WORDS leaves out the details' function words (to, at, near, ...) and "drawn", which the
+  first study's post-hoc count counted: "near the right of the picture" alone is no detail word.
 - One value per attribute. The world has one side (one colour, ...) per picture: a caption naming two,
   "left or right", "top-left", "top left", has that attribute wrong.
 - Agreement is grammar, not a fact about the picture: "two small red circle" and "one red circles" pass.

@@ -122,7 +122,7 @@ def test_attribute_words_in_a_detail_phrase_are_the_details():
     # An adjective of a detail starts no phrase: the colour after it is read, and it is a detail word.
     row = grounding.score_caption("on the left , two small bright red circles", SCENE)
     assert row["all"] and row["detail_word"]
-    # A detail's function words alone are no detail word (scripts/study_report.py's detail_words() counted them).
+    # A detail's function words alone are no detail word (the first study's post-hoc count counted them).
     assert not grounding.has_detail_word("two small red circles near the left of the picture")
     assert grounding.has_detail_word("TWO SMALL RED CIRCLES ON THE SCHOOL.")
 
