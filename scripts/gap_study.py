@@ -216,8 +216,9 @@ def embedded_dial(out: Path) -> dict:
         base = out / "seed0" / f"base-tiny-llava-testbed5-seed0-e{BASE_EPOCHS}-noise{dial:g}"
         if not (base / "confidence_gap.json").is_file():
             log = out / "logs" / f"seed0-base-noise{dial:g}.log"
-            code = ("import sys, train; cfg = train.make_config(seed=0, base_noise_max_delta=float(sys.argv[1]), "
-                    "out_dir=sys.argv[2]); train.pretrain_base_model(cfg, 0, 1, 'cpu')")
+            code = ("import sys, torch, train; "
+                    "cfg = train.make_config(seed=0, base_noise_max_delta=float(sys.argv[1]), out_dir=sys.argv[2]); "
+                    "train.pretrain_base_model(cfg, 0, 1, torch.device('cpu'))")
             if study.run_logged(["-c", code, f"{dial:g}", str(folder)], log)[0]:
                 raise RuntimeError(f"building seed 0's base at D = {dial:g} failed; see {log}")
         gates_file = base / f"gates-world{testbed.WORLD_VERSION}.json"
