@@ -160,6 +160,8 @@ def refuse_foreign_folder(out_dir: Path, model: str = "", keep: tuple = ()) -> N
     RUN/final with --out-dir RUN: --overwrite deletes it, the run replaces it). `keep`: names (glob patterns) a
     caller keeps beside its run (the testbed base's vision-stage/)."""
     out_dir = Path(out_dir).resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunFolderError(f"--out-dir {out_dir} is a file, not a folder; pass a new or empty folder")
     if model and Path(model).is_dir():
         model_dir = Path(model).resolve()
         inside = model_dir.is_relative_to(out_dir) and model_dir != out_dir

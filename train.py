@@ -273,6 +273,14 @@ def validate_config(cfg: TrainConfig) -> None:
             raise ValueError(message)
     for spec in (cfg.train or []) + (cfg.test or []):
         parse_train_spec(spec)
+    root = Path(cfg.data_dir)  # the testbed world is written there when it holds no data set
+    if not cfg.train and root.exists() and not root.is_dir():
+        raise ValueError(f"--data-dir {root} is a file; expected a data folder (train_caption.json, ...) or a new "
+                         "folder for the testbed world")
+    if not cfg.train and root.is_dir() and not (root / "train_caption.json").exists() and \
+            ((root / "config.json").exists() or any(root.glob("*.safetensors"))):
+        raise ValueError(f"--data-dir {root} is a model folder (config.json / *.safetensors, no train_caption.json): "
+                         "the testbed world would be written into it; pass a data folder or a new one")
 
 
 def compared_methods(cfg: TrainConfig) -> list[str]:

@@ -3,7 +3,8 @@ trained, never a traceback, a destroyed folder or a silently different run. Tiny
 most cases fail before a model loads, the few that train stop after one step.
 
 Covered: a run never writes into (nor --overwrite deletes) a folder that holds no run, the --model folder or one of
-its own run files (the testbed base beside its vision stage still trains); hf_tiny.py refuses a non-empty folder;
+its own run files (the testbed base beside its vision stage still trains), nor a testbed world into a model folder;
+a file as --out-dir / --data-dir is named; hf_tiny.py refuses a non-empty folder;
 --resume refuses a changed chat template (.jinja, chat_template.json, inside tokenizer_config.json), tokenizer or
 processor, compares config.json when run.json is missing, and names a damaged run.json / config.json; train.py's
 and evaluate.py's option ranges (limits, token counts, layer counts, batch sizes, devices) are checked before a model
@@ -93,6 +94,19 @@ def test_a_folder_holding_no_run_is_refused(overwrite, qwen, synthetic_data_dir,
                                                             r"train.py \(.*(config.json|todo.txt)"):
             train.main(settings("tiny-llava", synthetic_data_dir, out, overwrite=overwrite))
         assert folder_state(out) == before
+
+
+def test_a_file_as_out_dir_or_data_dir_and_a_model_folder_as_data_dir_are_named(qwen, synthetic_data_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(run_folder.RunFolderError, match=r"--out-dir .*notes.txt is a file, not a folder"):
+        train.main(settings("tiny-llava", synthetic_data_dir, tmp_path / "notes.txt"))
+    with pytest.raises(ValueError, match=r"--data-dir .*notes.txt is a file; expected a data folder"):
+        settings("tiny-llava", tmp_path / "notes.txt", tmp_path / "run")
+    before = folder_state(qwen)
+    with pytest.raises(ValueError, match=rf"--data-dir {qwen} is a model folder .*: the testbed world would be "
+                                         "written into it"):
+        settings(qwen, qwen, tmp_path / "run")
+    assert folder_state(qwen) == before and (tmp_path / "notes.txt").read_text() == "keep me"
 
 
 def test_the_model_as_one_of_the_runs_own_files_is_refused(qwen, synthetic_data_dir, tmp_path):
