@@ -447,6 +447,8 @@ def check_options(args) -> torch.device:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; expected a folder for eval.json and the predictions")
     try:
         device = torch.device(args.device)
     except RuntimeError as error:

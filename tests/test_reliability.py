@@ -299,6 +299,7 @@ def evaluate_main():
     (["--delta", "1.5"], r"--delta 1.5: expected in \[0, 1\]"),
     (["--device", "meta"], "--device meta: expected cpu or cuda"),
     (["--device", "nonsense"], "--device 'nonsense': not a device"),
+    (["--out", __file__], f"--out {__file__} is a file; expected a folder"),
 ])
 def test_evaluate_option_ranges(options, named, evaluate_main, qwen, synthetic_data_dir):
     with pytest.raises(ValueError, match=rf"^{named}"):
