@@ -21,14 +21,28 @@ from pathlib import Path
 # ---------------------------------------------------------------------------------------------
 # Run folders
 # ---------------------------------------------------------------------------------------------
+def read_json(path: Path) -> dict:
+    """A JSON object from a run folder (eval.json, config.json); a damaged one is named."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
+                         "truncated or edited?") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: holds a JSON {type(value).__name__}, expected an object")
+    return value
+
+
 def read_eval(run: str | Path, noisy: bool = False) -> dict:
     """RUN/eval.json (eval_noisy.json), else the last per-epoch eval in RUN/metrics.jsonl; a .json file as is."""
     run = Path(run)
     if run.is_file():
-        return json.loads(run.read_text())
+        return read_json(run)
     path = run / ("eval_noisy.json" if noisy else "eval.json")
     if path.is_file():
-        return json.loads(path.read_text())
+        return read_json(path)
     epochs = [] if noisy else epoch_evals(run)
     if epochs:
         return epochs[-1][1]
@@ -66,7 +80,7 @@ def epoch_evals(run: str | Path) -> list[tuple[float, dict]]:
     if not found:
         for epoch, folder in epoch_folders(run).items():
             if (folder / "eval.json").is_file():
-                found[float(epoch)] = json.loads((folder / "eval.json").read_text())
+                found[float(epoch)] = read_json(folder / "eval.json")
     missing = missing_epochs(run, found)
     if missing:
         print(f"warning: run {run} has no per-epoch evaluation for epoch(s) {missing}: tables and curves skip them "
@@ -78,7 +92,7 @@ def epoch_evals(run: str | Path) -> list[tuple[float, dict]]:
 def missing_epochs(run: Path, found: dict) -> list[int]:
     """Epochs without an evaluation in a run that evaluates every epoch: gaps before its last evaluation and,
     once it has a final model, every epoch up to config.json's "epochs"."""
-    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    config = read_json(run / "config.json") if (run / "config.json").is_file() else {}
     if not found or not config.get("eval_every_epoch", True):
         return []
     last = int(config.get("epochs", 0)) if (run / "final").is_dir() else 0
@@ -89,7 +103,7 @@ def run_name(run: str | Path) -> str:
     run = Path(run)
     config = run / "config.json"
     if run.is_dir() and config.is_file():
-        method = json.loads(config.read_text()).get("method")
+        method = read_json(config).get("method")
         if method:
             return f"{method} ({run.name})"
     return run.stem if run.is_file() else run.name
@@ -217,7 +231,7 @@ def format_side_by_side(runs: list[str | Path]) -> str:
     for name, run, curve in zip(names, runs, curves, strict=True):
         path = Path(run) / "eval_noisy.json"
         if path.is_file() and curve:
-            clean, noisy = curve[max(curve)], json.loads(path.read_text())
+            clean, noisy = curve[max(curve)], read_json(path)
             cells = []
             for key, _ in columns:
                 a, b = clean.get(key), noisy.get(key)

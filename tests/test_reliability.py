@@ -2,17 +2,20 @@
 trained, never a traceback, a destroyed folder or a silently different run. Tiny Qwen2-VL folders from hf_tiny.py;
 most cases fail before a model loads, the few that train stop after one step.
 
-Covered: a run never writes into (nor --overwrite deletes) a folder that holds no run, the --model folder or one of
-its own run files (the testbed base beside its vision stage still trains), nor a testbed world into a model folder;
-a file as --out-dir / --data-dir is named; hf_tiny.py refuses a non-empty folder;
---resume refuses a changed chat template (.jinja, chat_template.json, inside tokenizer_config.json), tokenizer or
-processor, compares config.json when run.json is missing, and names a damaged run.json / config.json; train.py's
-and evaluate.py's option ranges (limits, token counts, layer counts, batch sizes, devices) are checked before a model
-loads; evaluate.py names a damaged RUN/config.json and a model folder without data, and `score` bad prediction
-lines, each in cli.py's one line with exit 2; a broken model folder (no weights, tokenizer, tokenizer_config.json,
-processor settings or chat template; a config.json with a layer more or less, another intermediate or vocabulary
-size) is named by load_model, also through evaluate.py; an empty data set in a mix (`[]`, or every record skipped)
-and a bad --test file (a record, a missing image) are errors before step 1.
+Covered:
+1. A run never writes into (nor --overwrite deletes) a folder that holds no run, the --model folder or one of its
+   own run files (the testbed base beside its vision stage still trains), nor a testbed world into a model folder;
+   a file as --out-dir / --data-dir is named; hf_tiny.py refuses a non-empty folder.
+2. --resume refuses a changed chat template (.jinja, chat_template.json, inside tokenizer_config.json), tokenizer
+   or processor, compares config.json when run.json is missing, and names a damaged run.json / config.json.
+5. train.py's and evaluate.py's option ranges (limits, token counts, layer counts, batch sizes, devices) are
+   checked before a model loads; evaluate.py names a damaged RUN/config.json or eval.json (`table` too), a model
+   folder without data and `score`'s bad prediction lines, each in cli.py's one line with exit 2.
+4. A broken model folder (no weights, tokenizer, tokenizer_config.json, processor settings or chat template; a
+   config.json with a layer more or less, another intermediate or vocabulary size) is named by load_model, also
+   through evaluate.py.
+3. An empty data set in a mix (`[]`, or every record skipped) and a bad --test file (a record, a missing image)
+   are errors before step 1.
 
     python -m pytest -q tests/test_reliability.py
 """
@@ -322,6 +325,25 @@ def test_evaluate_names_a_damaged_run_config(text, named, evaluate_main, tmp_pat
     (run / "config.json").write_text(text)
     with pytest.raises(ValueError, match=named):
         evaluate_main([str(run)])
+
+
+@pytest.mark.parametrize("file, text, named", [
+    ("eval.json", '{"cider": ', r"eval.json: not valid JSON \(line 1, column 11"),
+    ("eval.json", "[]", "eval.json: holds a JSON list, expected an object"),
+    ("config.json", "{", r"config.json: not valid JSON \(line 1, column 2"),
+    ("config.json", "[1]", "config.json: holds a JSON list, expected an object"),
+])
+def test_table_names_damaged_run_files(file, text, named, tmp_path):
+    import evaluate
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "eval.json").write_text(json.dumps({"cider": 10.0, "accuracy": 50.0, "avg": 30.0}))
+    (run / "config.json").write_text(json.dumps({"method": "nrca", "out_dir": str(run)}))
+    (run / file).write_text(text)
+    with pytest.raises(ValueError, match=named) as error:
+        evaluate.main(["table", str(run)])
+    assert str(error.value).startswith(f"{run / file}: ")
 
 
 def test_evaluate_a_model_folder_without_data_is_one_line(qwen):
