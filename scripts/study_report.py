@@ -89,8 +89,8 @@ def diverged_count(found: dict[int, dict]) -> str:
 
 
 def arm_table(rows: list[tuple[str, dict, dict]], split: str = "test") -> str:
-    """rows: (label, {seed: record}, {seed: reference record} or {}). Mean ± std of each score, the divergence count
-    and the paired difference against the reference (95 % bootstrap)."""
+    """rows: (label, {seed: record}, {seed: reference record}, or {} for none: the reference row itself). Mean ± std
+    of each score, the divergence count and the paired difference against the reference (95 % bootstrap)."""
     lines = ["| arm | seeds | diverged | " + " | ".join(label for _, label in METRICS) + " | "
              + " | ".join(f"Δ {label} vs Full FT [95 % CI]" for _, label in PAIRED) + " |",
              "|---|---:|---:|" + "---:|" * (len(METRICS) + len(PAIRED))]
@@ -99,8 +99,7 @@ def arm_table(rows: list[tuple[str, dict, dict]], split: str = "test") -> str:
             continue
         values = [r for r in found.values() if scored(r, split)]
         cells = [mean_std(final(r, split).get(key) for r in values) for key, _ in METRICS]
-        pairs = [interval(paired(found, reference, key, split)) if reference and found is not reference else "–"
-                 for key, _ in PAIRED]
+        pairs = [interval(paired(found, reference, key, split)) if reference else "–" for key, _ in PAIRED]
         lines.append(f"| {label} | {len(found)} | {diverged_count(found)} | " + " | ".join(cells + pairs) + " |")
     return "\n".join(lines)
 
@@ -215,6 +214,8 @@ def timing(records: list[dict]) -> str:
 
 
 def first_study(records: list[dict]) -> list[str]:
+    if not records:
+        return ["## First study: no raw results"]
     seeds = sorted({r["seed"] for r in records})
     full, nrca = by_seed(records, study.FULL.name), by_seed(records, study.NRCA.name)
     variants = [(f"NRCA, {v} (beyond the paper)", by_seed(records, study.cell("nrca", lam=2.0,
@@ -226,7 +227,7 @@ def first_study(records: list[dict]) -> list[str]:
     sections = [
         f"## First study, part 1: Full FT vs NRCA at the paper's settings (test split, last epoch, seeds "
         f"{seeds[0]}-{seeds[-1]})" if seeds else "## First study: no raw results",
-        arm_table([(label, found, full) for label, found in headline]),
+        arm_table([(label, found, {} if label == "Full FT" else full) for label, found in headline]),
         "Per seed (CIDEr / all right % / accuracy; **div**: diverged by the fixed rule):",
         per_seed_table(headline, seeds),
         "NRCA's mean clean confidence I of the open samples, first epoch → last (mean share of open samples with "
@@ -395,9 +396,8 @@ def gap_study_sections(records: list[dict]) -> list[str]:
     rows = []
     for _, dial, c in gap_study.arms():
         found = by_seed(records, c.name)
-        full = by_seed(records, f"base{dial:g}_{study.FULL.name}")
-        label = c.name.replace("_lr-1e-3", "")
-        rows.append((label, found, full))
+        full = {} if c.method == "full" else by_seed(records, f"base{dial:g}_{study.FULL.name}")
+        rows.append((c.name.replace("_lr-1e-3", ""), found, full))
     return [
         f"## Gap study (seeds {seeds[0]}-{seeds[-1]}, {len(records)} runs)",
         "Bases that missed the 'sees' gate (left out): " + (", ".join(f"seed {s} D = {d:g}" for s, d in failed)
