@@ -142,11 +142,15 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--batch-size", type=int, default=16, help="records per forward")
     parser.add_argument("--out", help="folder for confidence_gap.json (default: the run or model folder)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *evaluate.DTYPES],
+                        help="auto: bfloat16 on CUDA, float32 on CPU (the confidences are computed in float32)")
     args = parser.parse_args(argv)
     if args.limit < 1 or args.batch_size < 1:
         raise ValueError(f"confidence-gap: --limit {args.limit} and --batch-size {args.batch_size}: expected >= 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"confidence-gap: --device {args.device}, but torch sees no CUDA device")
+    for delta in args.delta or ():
+        if not 0 <= delta <= 1:
+            raise ValueError(f"confidence-gap: --delta {delta}: expected in [0, 1] (Eq. 2b; 0 gives I~ = I)")
+    device = evaluate.parse_device(args.device)
     model_path, config = evaluate.resolve_checkpoint(args.checkpoint)
     specs = args.train or config.get("train") or []
     if specs:
@@ -162,7 +166,7 @@ def main(argv: list[str]) -> dict:
             raise FileNotFoundError(f"confidence-gap: {missing[0]} does not exist: pass --train TASK:NAME=PATH or a "
                                     "--data folder with train_caption.json / train_choice.json")
         image_folder = args.image_folder or str(root)
-    mllm = models.load_model(model_path, device=args.device)
+    mllm = models.load_model(model_path, dtype=evaluate.model_dtype(args.dtype, device), device=device)
     result = measure(mllm, sources, image_folder, deltas=tuple(args.delta or DEFAULT_DELTAS), limit=args.limit,
                      batch_size=args.batch_size)
     result["model"] = str(model_path)

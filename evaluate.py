@@ -63,7 +63,7 @@ import torch
 import torch.distributed as dist
 
 from metrics import LETTERS, caption_metrics, choice_metrics, options_from_question
-from reporting import format_table, plot_curves, read_eval, run_name
+from reporting import format_table, plot_curves, read_eval, read_json, read_text, run_name
 
 TASKS = ("caption", "choice")
 SPLITS = ("test", "val")  # a data folder's evaluation splits: {split}_caption.json, {split}_choice.json
@@ -93,10 +93,7 @@ def load_test_split(path: str | Path, task: str) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"test split {path} ({task}) does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
+    text = read_text(path)
     try:
         records = json.loads(text)
     except json.JSONDecodeError:
@@ -407,31 +404,16 @@ def resolve_checkpoint(path: str) -> tuple[str, dict]:
     if not folder.exists():
         raise FileNotFoundError(f"checkpoint or run folder {folder} does not exist")
     if (folder / "final").is_dir():
-        config = _read_config(folder / "config.json") if (folder / "config.json").is_file() else {}
+        config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
         return str(folder / "final"), config
     if (folder / "config.json").is_file():
-        config = _read_config(folder / "config.json")
+        config = read_json(folder / "config.json")
         if "out_dir" in config and "method" in config:  # train.py's TrainConfig, not a model config
             raise FileNotFoundError(f"run folder {folder} has no final/ model (training unfinished? "
                                     f"checkpoint-* folders hold trainable tensors only, not a loadable model)")
         return str(folder), {}
     raise FileNotFoundError(f"{folder} is neither a run folder (config.json + final/) nor a model folder "
                             "(a checkpoint's config.json)")
-
-
-def _read_config(path: Path) -> dict:
-    """A run's config.json (train.py's TrainConfig) or a model's; a damaged one is named."""
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
-                         "truncated or edited?") from None
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: holds a JSON {type(config).__name__}, expected an object (train.py's settings "
-                         "or a model's config)")
-    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,18 +431,30 @@ def check_options(args) -> torch.device:
             raise ValueError(message)
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a file; expected a folder for eval.json and the predictions")
+    return parse_device(args.device)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_device(name: str) -> torch.device:
+    """--device of the command-line tools: cpu or cuda[:N], one that exists here (else a named error)."""
     try:
-        device = torch.device(args.device)
+        device = torch.device(name)
     except RuntimeError as error:
-        raise ValueError(f"--device {args.device!r}: not a device ({error})") from None
+        raise ValueError(f"--device {name!r}: not a device ({error})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available here (torch {torch.__version__}); pass "
-                         "--device cpu")
+        raise ValueError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); pass --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {args.device}: there are {torch.cuda.device_count()} CUDA devices")
+        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {args.device}: expected cpu or cuda[:N]")
+        raise ValueError(f"--device {name}: expected cpu or cuda[:N]")
     return device
+
+
+def model_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype of the command-line tools: auto is bfloat16 on CUDA, float32 on CPU."""
+    return DTYPES.get(name, torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
 def _summary_line(result: dict) -> str:
@@ -500,7 +494,7 @@ def main_evaluate(argv: list[str]) -> dict:
     parser.add_argument("--meteor", action="store_true", help="also METEOR (starts a 2 GB java process)")
     parser.add_argument("--no-text-match", action="store_true", help="no exact option-text fallback for letters")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="auto: bfloat16 on CUDA, float32 on CPU")
     args = parser.parse_args(argv)
     import models
@@ -525,9 +519,7 @@ def main_evaluate(argv: list[str]) -> dict:
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-            args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-        mllm = models.load_model(model_path, dtype=dtype, device=device)
+        mllm = models.load_model(model_path, dtype=model_dtype(args.dtype, device), device=device)
         result = evaluate_model(
             mllm, data, out_dir=out if rank == 0 else None, tests=args.test,
             image_folder=args.image_folder, batch_size=args.batch_size,
@@ -586,10 +578,7 @@ def read_predictions(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"predictions file {path} does not exist")
-    try:
-        content = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
+    content = read_text(path)
     try:
         whole = json.loads(content)
     except json.JSONDecodeError:

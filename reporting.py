@@ -21,15 +21,21 @@ from pathlib import Path
 # ---------------------------------------------------------------------------------------------
 # Run folders
 # ---------------------------------------------------------------------------------------------
-def read_json(path: Path) -> dict:
-    """A JSON object from a run folder (eval.json, config.json); a damaged one is named."""
+def read_text(path: Path) -> str:
+    """A text file the tools read (a run's files, a test split, predictions); one that is not UTF-8 is named."""
     try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a run folder (eval.json, config.json, a model's config.json); a damaged one is named."""
+    try:
+        value = json.loads(read_text(path))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
                          "truncated or edited?") from None
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path}: holds a JSON {type(value).__name__}, expected an object")
     return value
