@@ -17,7 +17,11 @@ Used by evaluate.py (generation + command line) and its `score` command; no mode
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import sys
+import tempfile
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -25,6 +29,11 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # (-preserveLines) sees them: a line break inside a caption would shift every following caption onto the
 # wrong image, and other control characters (random-weight models emit them) are "untokenizable".
 _LINE_BREAKS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# What java's PTBTokenizer writes to stderr on every call, which tells our user nothing: a character it drops
+# ("WARNING: Untokenizable: ? (U+E000, decimal: 57344)" after java.util.logging's "<date> <time>
+# edu.stanford.nlp.process.PTBLexer next" line) and its speed. Everything else it writes is shown.
+_TOKENIZER_CHATTER = re.compile(r"^(?:WARNING: Untokenizable: .*|.* edu\.stanford\.nlp\.process\.PTBLexer next"
+                                r"|PTBTokenizer tokenized \d+ tokens at [\d.]+ tokens per second\.)$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,7 +78,8 @@ def ptb_tokenize(captions: dict) -> dict:
 
     cleaned = {key: [_LINE_BREAKS.sub(" ", c).strip() for c in caps] for key, caps in captions.items()}
     to_tokenize = {key: [{"caption": c} for c in caps] for key, caps in cleaned.items() if any(caps)}
-    tokenized = PTBTokenizer().tokenize(to_tokenize) if to_tokenize else {}
+    with _without_tokenizer_chatter():
+        tokenized = PTBTokenizer().tokenize(to_tokenize) if to_tokenize else {}
     out = {}
     for key, caps in cleaned.items():
         got = tokenized.get(key, [""] * len(caps))
@@ -77,6 +87,32 @@ def ptb_tokenize(captions: dict) -> dict:
             raise RuntimeError(f"PTBTokenizer returned {len(got)} captions for key {key!r}, expected {len(caps)}")
         out[key] = got
     return out
+
+
+@contextlib.contextmanager
+def _without_tokenizer_chatter():
+    """Collect what is written to file descriptor 2 (java's stderr is ours: pycocoevalcap does not capture it) and
+    write it back afterwards without the _TOKENIZER_CHATTER lines; java's errors and anything else still show."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to redirect
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        sys.stderr.flush()
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines if not _TOKENIZER_CHATTER.match(line.rstrip("\r\n")))
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
 
 
 def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]], bleu: bool = True,

@@ -74,10 +74,10 @@ class TrainConfig:
                           "--train (unless --no-eval-every-epoch); without --train the split of --data-dir is used")
     data_dir: str = _f("", "the testbed world (testbed.py), written here when absent (default: "
                            "data/testbed-seed{SEED})")
-    base_epochs: int = _f(0, "built-in tiny models only (the embedded preset sets 3 for them): first pre-train "
-                             "the random model for this many epochs on the testbed's pre-training corpus (every "
-                             "part trains, the vision tower included, with noise augmentation), check the gates, "
-                             "cache it next to --out-dir per seed, and fine-tune that base")
+    base_epochs: int = _f(0, "built-in tiny models only: first pre-train the random model for this many epochs on "
+                             "the testbed's pre-training corpus (every part trains, the vision tower included, with "
+                             "noise augmentation), check the gates, cache it next to --out-dir per seed, and "
+                             "fine-tune that base (default: 3 with --preset embedded and a built-in model, else 0)")
     base_noise_max_delta: float = _f(BASE_NOISE_MAX_DELTA_DEFAULT,
                                      "with --base-epochs: the base's noise augmentation, half of its pre-training "
                                      "pictures mixed with Eq. (2b) at delta ~ U(0, D) in both stages (0: clean "
@@ -103,7 +103,7 @@ class TrainConfig:
     nrca_alignment: str = _f("paper", "Eq. (5b) as published (paper) or a variant beyond the paper: squared | "
                                       "difference | squared-difference | hinge (Eq. 5b where I~ < I only, "
                                       "Appendix C's regime) (nrca.py; README, 'The testbed')")
-    reg_lam: float = _f(None, "L2-Reg / Grafting strength (default 1e-3 / 1e-6)")
+    reg_lam: float = _f(None, "L2-Reg / Grafting strength (default: 1e-3 for L2-Reg, 1e-6 for Grafting)")
     mask_ratio: float = _f(0.5, "Random / Magnitude Mask: share of elements kept at pre-trained values")
     mask_redraw: str = _f("once", "Random Mask: once (released code) | every-step (paper text)")
     mi_lam: float = _f(0.01, "modality-interference consistency weight")
@@ -149,7 +149,8 @@ class TrainConfig:
     eval_noisy_final: bool = _f(False, "also evaluate the final model on delta = 0.5 inputs (Fig. 3), on --eval-split: "
                                        "eval_noisy.json")
     compare: str = _f("", "comma-separated methods also trained from the same base, with the same data and "
-                          "schedule, into OUT_DIR/METHOD; their per-epoch scores are printed side by side")
+                          "schedule, into OUT_DIR/METHOD; their per-epoch scores are printed side by side "
+                          "(default: none; full when `python train.py` runs without options)")
     diagnose_every: int = _f(0, "NRCA: every N steps, the norms of the CE and alignment gradients and their cosine "
                                 "(one extra backward; single process)")
     tune_vision_tower: bool = _f(False, "train the vision tower too (the testbed's base pre-training only; the "
@@ -172,20 +173,45 @@ PRESETS = {
 }
 
 
-def parse_config(argv=None) -> TrainConfig:
-    """argparse built from TrainConfig; precedence: field defaults < --preset < explicit flags."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def help_text(f: dataclasses.Field) -> str:
+    """A field's comment with its default named once, for --help: the value under the default preset, then the
+    other presets' values where they differ, e.g. "(default: 5; 3 with --preset llava or vila)". A comment that
+    names its default itself ("(default: the JSON's folder)") is kept as it is; None and "" (unset) are not shown."""
+    text = f.metadata["help"].replace("%", "%%")  # argparse %-formats help texts
+    shown = lambda value: "on" if value is True else "off" if value is False else f"{value:g}" \
+        if isinstance(value, float) else str(value)
+    values = {}  # shown value -> the presets that have it, the default preset first
+    for preset in dict.fromkeys([TrainConfig.preset, *PRESETS]):
+        value = PRESETS[preset].get(f.name, f.default)
+        if value is not None and value != "":
+            values.setdefault(shown(value).replace("%", "%%"), []).append(preset)
+    if "(default" in text or not values:
+        return text
+    first, *others = values
+    if values[first][0] != TrainConfig.preset:  # unset under the default preset, set by others: say so
+        others, first = values, "none"
+    presets = lambda names: " or ".join(names)
+    return text + f" (default: {first}" + "".join(f"; {v} with --preset {presets(values[v])}" for v in others) + ")"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """argparse built from TrainConfig; every default None, so that only explicit flags override (parse_config)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=f.metadata["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text(f))
         elif f.name in ("train", "test"):
-            parser.add_argument(flag, action="append", default=None, help=f.metadata["help"])
+            parser.add_argument(flag, action="append", default=None, help=help_text(f))
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type)]
-            parser.add_argument(flag, type=kind, default=None, help=f.metadata["help"])
+            parser.add_argument(flag, type=kind, default=None, help=help_text(f))
+    return parser
+
+
+def parse_config(argv=None) -> TrainConfig:
+    """Precedence: field defaults < --preset < explicit flags."""
+    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     if not argv:  # `python train.py`: the embedded default shows NRCA beside Full FT from the same base
