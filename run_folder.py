@@ -18,7 +18,8 @@
   or data set with the same contents is the same run); contents may not. Hashing costs one read of the
   model (seconds per GB); on resume, files whose size and modification time are unchanged are not re-read.
 - `truncate_metrics`: on resume, RUN/metrics.jsonl is cut back (atomically) to its length when the
-  checkpoint was written, so the steps redone after a kill are not logged twice.
+  checkpoint was written, so the steps redone after a kill are not logged twice (--report-to tensorboard's
+  events are then rebuilt from it: tensorboard_log.py).
 
 Not here: the checkpoints themselves (train.py save_checkpoint / load_checkpoint). Images are not
 hashed (there can be millions), which is why --image-folder may change on resume.
@@ -47,12 +48,13 @@ from pathlib import Path
 CHANGEABLE_ON_RESUME = ("preset", "out_dir", "resume", "overwrite", "stop_at_step", "save_every", "test",
                         "eval_every_epoch", "eval_max_new_tokens", "eval_limit", "eval_noisy_final", "diagnose_every",
                         "image_folder", "micro_batch_size", "fsdp", "compile", "activation_checkpointing", "plan",
-                        "gpu_memory", "plan_ranks", "plan_text_tokens", "plan_answer_tokens")
+                        "gpu_memory", "plan_ranks", "plan_text_tokens", "plan_answer_tokens", "report_to")
 # Compared through the fingerprint (contents), not as paths.
 FINGERPRINTED = ("model", "train", "data_dir", "base_epochs")
 # What a run leaves in its folder; --overwrite removes exactly these.
 RUN_FILES = ("checkpoint-*", ".checkpoint-*.tmp", "latest", ".latest.tmp", "final", ".final.tmp", "metrics.jsonl",
-             "config.json", "run.json", "eval_epoch*", "eval.json", "eval_noisy.json", "predictions_*.jsonl")
+             "config.json", "run.json", "eval_epoch*", "eval.json", "eval_noisy.json", "predictions_*.jsonl",
+             "tensorboard")
 # A model folder's files that shape what a run computes: weights, configs (model, generation, processor, the chat
 # template inside tokenizer_config.json or chat_template.json), tokenizer files (tokenizer.json, SentencePiece
 # .model, BPE merges.txt / vocab.txt, tiktoken ranks) and the chat template as a file of its own (.jinja).

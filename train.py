@@ -18,6 +18,7 @@ Run:
     python hf_tiny.py tiny-qwen2-vl runs/tiny-qwen2-vl && python train.py --model runs/tiny-qwen2-vl --method l2 \\
         --out-dir runs/qwen-l2
     python train.py --resume --out-dir runs/llava_nrca   # continue from the latest checkpoint
+    python train.py --compare full --report-to tensorboard && tensorboard --logdir runs/embedded  # curves
 
 Not here: LoRA, multi-image samples, sequence packing.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -49,6 +51,7 @@ import confidence_gap
 import data
 import models
 import run_folder
+import tensorboard_log
 import testbed
 from methods import METHODS, get_method, model_forward
 from nrca import ALIGNMENTS
@@ -157,6 +160,9 @@ class TrainConfig:
                                         "paper freezes it)")
     overwrite: bool = _f(False, "delete the run already in --out-dir (checkpoints, final model, metrics) and start "
                                 "again; without it (or --resume) such a folder is refused")
+    report_to: str = _f("none", "none | tensorboard: also write every scalar of metrics.jsonl (losses, confidences, "
+                                "lr, grad norm, per-epoch evaluation) as TensorBoard events in OUT_DIR/tensorboard "
+                                "(tensorboard_log.py; rank 0)")
 
 
 BASE_EPOCHS = 3  # the embedded default's base pre-training (testbed.py), see pretrain_base_model
@@ -264,6 +270,10 @@ def validate_config(cfg: TrainConfig) -> None:
         (cfg.max_grad_norm >= 0, f"--max-grad-norm {cfg.max_grad_norm}: expected >= 0"),
         (cfg.precision in ("auto", "bf16", "fp32"), f"--precision {cfg.precision!r}: auto, bf16 or fp32"),
         (cfg.eval_split in ("test", "val"), f"--eval-split {cfg.eval_split!r}: expected test or val"),
+        (cfg.report_to in ("none", "tensorboard"), f"--report-to {cfg.report_to!r}: expected none or tensorboard"),
+        (cfg.report_to != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
+         "--report-to tensorboard: the tensorboard package is not installed (pip install tensorboard, in "
+         "requirements.txt)"),
         (cfg.vila_downsample_order in ("auto", *models.DOWNSAMPLE_ORDERS),
          f"--vila-downsample-order {cfg.vila_downsample_order!r}: auto, vila1.5 or nvila"),
         (cfg.max_length >= 8, f"--max-length {cfg.max_length}: too small"),
@@ -813,6 +823,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
               f"parameters, {world} rank(s), {total_steps} steps; extra memory of the method: "
               f"{method.extra_memory_bytes() / 2**20:.2f} MiB")
     metrics_file = out_dir / "metrics.jsonl"
+    # --report-to tensorboard: events that follow metrics.jsonl, rebuilt from it here (a resume cut it back above)
+    boards = []
+    if cfg.report_to == "tensorboard":
+        on_rank0(lambda: boards.append(tensorboard_log.MetricsBoard(out_dir, steps_per_epoch)), rank, world)
+    board = boards[0] if boards else None
     # FSDP2 ranks would each generate a different number of tokens (early EOS) and hang in the all-gathers:
     # evaluate the saved model afterwards with `python evaluate.py OUT_DIR` instead.
     evaluate_each_epoch = cfg.eval_every_epoch and not (cfg.fsdp and world > 1)
@@ -824,7 +839,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=cfg.method, dynamic_ncols=True)
     summary = {}
     if position.get("eval_due") and evaluate_each_epoch:  # resumed from an epoch end whose evaluation never finished
-        summary = evaluate_epoch(cfg, mllm, position["eval_due"], rank, world, out_dir)
+        summary = evaluate_epoch(cfg, mllm, position["eval_due"], rank, world, out_dir, board)
         epoch_results.append((position["eval_due"], summary))
     for epoch in range(position["epoch"], cfg.epochs):
         batches = epoch_batches(len(dataset), epoch, cfg, rank, world)
@@ -869,6 +884,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
             if rank == 0:
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(record) + "\n")
+                if board:
+                    board.sync()
                 bar.set_postfix(loss=f"{totals['loss']:.4f}")
                 bar.update()
             position = {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "step": step}
@@ -880,11 +897,15 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
                                                   position, rank) or last_checkpoint
             if stop:
                 bar.close()
+                if board:
+                    board.close()
                 return {"stopped_at_step": step}
         if evaluate_each_epoch:
-            summary = evaluate_epoch(cfg, mllm, epoch + 1, rank, world, out_dir)
+            summary = evaluate_epoch(cfg, mllm, epoch + 1, rank, world, out_dir, board)
             epoch_results.append((epoch + 1, summary))
     bar.close()
+    if board:
+        board.close()
     if not fsdp_units:  # the saved model gets the dtype it was loaded in (trainable tensors trained in fp32)
         for _, p in named_params:
             p.data = p.data.to(load_dtype)
@@ -934,11 +955,12 @@ def save_model_whole(mllm, folder: Path) -> None:
     os.replace(tmp, folder)
 
 
-def evaluate_epoch(cfg: TrainConfig, mllm, epoch: int, rank: int, world: int, out_dir: Path,
+def evaluate_epoch(cfg: TrainConfig, mllm, epoch: int, rank: int, world: int, out_dir: Path, board=None,
                    noisy: bool = False) -> dict:
     """Per-epoch evaluation on the --eval-split (paper Fig. 1), appended to metrics.jsonl as {"epoch", "eval",
-    "seconds"}. With noisy=True (--eval-noisy-final): the final model on delta = 0.5 inputs (Fig. 3), written to
-    OUT_DIR/eval_noisy.json (what `evaluate.py table --noisy` reads), not to metrics.jsonl."""
+    "seconds"} (and passed on to `board`, --report-to tensorboard). With noisy=True (--eval-noisy-final): the
+    final model on delta = 0.5 inputs (Fig. 3), written to OUT_DIR/eval_noisy.json (what `evaluate.py table
+    --noisy` reads), not to metrics.jsonl."""
     import evaluate
 
     started = time.perf_counter()
@@ -957,6 +979,8 @@ def evaluate_epoch(cfg: TrainConfig, mllm, epoch: int, rank: int, world: int, ou
     if rank == 0 and not noisy:
         with (out_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps({"epoch": epoch, "eval": result, "seconds": time.perf_counter() - started}) + "\n")
+        if board:
+            board.sync()
         latest = out_dir / "latest"
         if latest.exists():  # the epoch-end checkpoint: its evaluation is done, a resume from it need not redo it
             run_folder.write_json_atomic(out_dir / latest.read_text().strip() / "evaluated.json",
