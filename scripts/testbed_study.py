@@ -71,7 +71,9 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,18 +270,30 @@ def run_part(out: Path, part: str, workers: int) -> None:
         print("variants: NRCA diverged on none of the ten seeds of part 1, so, as fixed in advance, they do not run")
         return
     jobs = [job for job in part_jobs(part, out) if not job_done(out, job)]
+    # Seed by seed, so that a part stopped early has whole seeds; the first run of seed s + 1 (which builds its base)
+    # goes before the other runs of seed s, so that while one process builds a base the other has work.
+    first = {job.seed: job for job in reversed(jobs)}
+    jobs.sort(key=lambda job: (job.seed, 0) if first[job.seed] is job else (job.seed + 1, 1))
     print(f"{part}: {len(jobs)} runs to do ({workers} at a time)", flush=True)
     timing = out / "seconds.json"
+    timing_lock = threading.Lock()
+    base_locks = defaultdict(threading.Lock)  # the first run of a seed builds its base; the others wait for it
 
     def work(job):
-        seconds = execute(out, job)
-        print(f"done {run_folder(out, job).relative_to(out)} in {seconds:.0f} s", flush=True)
+        if any(run_folder(out, job).parent.glob("base-*/final/config.json")):
+            seconds = execute(out, job)
+        else:
+            with base_locks[job.seed]:
+                seconds = execute(out, job)
+        print(f"{time.strftime('%H:%M:%S')} done {run_folder(out, job).relative_to(out)} in {seconds:.0f} s",
+              flush=True)
+        with timing_lock:
+            old = json.loads(timing.read_text()) if timing.is_file() else {}
+            timing.write_text(json.dumps({**old, f"seed{job.seed}/{job.cell.name}": round(seconds, 1)}, indent=1))
         return f"seed{job.seed}/{job.cell.name}", seconds
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for key, seconds in pool.map(work, jobs):
-            old = json.loads(timing.read_text()) if timing.is_file() else {}
-            timing.write_text(json.dumps({**old, key: round(seconds, 1)}, indent=1))
+        list(pool.map(work, jobs))
 
 
 # ---------------------------------------------------------------------------------------------------------------
