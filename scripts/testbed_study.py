@@ -263,13 +263,13 @@ def zero_shot(out: Path) -> None:
             raise RuntimeError(f"failed: {' '.join(args)}; see {log}")
 
 
-def run_part(out: Path, part: str, workers: int) -> None:
+def run_part(out: Path, part: str, workers: int, seeds: list[int] | None = None) -> None:
     if part == "zero-shot":
         return zero_shot(out)
     if part == "variants" and not unstable_as_published(out):  # decided on the validation split
         print("variants: NRCA diverged on none of the ten seeds of part 1, so, as fixed in advance, they do not run")
         return
-    jobs = [job for job in part_jobs(part, out) if not job_done(out, job)]
+    jobs = [job for job in part_jobs(part, out) if not job_done(out, job) and (seeds is None or job.seed in seeds)]
     # Seed by seed, so that a part stopped early has whole seeds; the first run of seed s + 1 (which builds its base)
     # goes before the other runs of seed s, so that while one process builds a base the other has work.
     first = {job.seed: job for job in reversed(jobs)}
@@ -492,12 +492,15 @@ def main(argv=None) -> None:
     parser.add_argument("part", nargs="?", choices=("seeds", "map", "variants", "budget", "budget-test", "zero-shot"))
     parser.add_argument("--out", default="runs/study")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seeds", help="run only these seeds of the part, comma-separated (e.g. to share the "
+                                        "machine between two processes); default: all")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     if args.command == "run":
         if args.part is None:
             raise ValueError("testbed_study.py run: name the part (seeds, map, variants, budget, budget-test)")
-        run_part(out, args.part, args.workers)
+        seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else None
+        run_part(out, args.part, args.workers, seeds)
     else:
         print(f"wrote {collect(out)} runs to {RESULTS.relative_to(REPO)}")
 
