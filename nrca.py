@@ -52,7 +52,10 @@ scripts/gap_study.py):
     "hinge"               max(0, 1 - I~/sg(I)) * sg(CE)   Eq. (5b) restricted to Appendix C's regime I~ < I: the
                                                           same value and gradient there, zero where I~ >= I (the
                                                           paper's one-sided reading; no downward push)
-The paper's Eq. (5b) ("paper") stays the default and exact. `sample_confidences` gives the per-sample I, I~ and
+Measured in the gap study (README, "The testbed"; scripts/gap_study.py): Eq. (5b) diverged in 21 of 30 runs whose
+base broke Appendix C's premise (I~ > I on more than a quarter of the training captions) and in none of 20 that met
+it; "hinge" diverged in none of 30, on every base. The paper's Eq. (5b) ("paper") stays the default and exact.
+`sample_confidences` gives the per-sample I, I~ and
 the open-sample mask that Eq. (5b) reads (evaluate.py confidence-gap measures a model's gap with it).
 
 Not done here: building the noisy view (noise.py, Eq. 2) and running the model (methods.py).
