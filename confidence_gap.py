@@ -44,6 +44,12 @@ DEFAULT_LIMIT = 500  # records per training file: the testbed's whole fine-tunin
 NOISE_SEED = 0
 
 
+def check_deltas(deltas) -> None:
+    for delta in deltas:
+        if not 0 <= float(delta) <= 1:
+            raise ValueError(f"confidence-gap: --delta {delta}: expected in [0, 1] (Eq. 2b; 0 gives I~ = I)")
+
+
 @torch.no_grad()
 def confidence_gap(mllm, records: list[dict], image_folder, deltas=DEFAULT_DELTAS, batch_size: int = 16,
                    max_length: int = 2048, min_open_tokens: int = 3, noise_stats: str = "image",
@@ -54,9 +60,7 @@ def confidence_gap(mllm, records: list[dict], image_folder, deltas=DEFAULT_DELTA
     from methods import model_forward
     from noise import noisy_pixel_values
 
-    for delta in deltas:
-        if not 0 <= float(delta) <= 1:
-            raise ValueError(f"confidence-gap: --delta {delta}: expected in [0, 1] (Eq. 2b; 0 gives I~ = I)")
+    check_deltas(deltas)
     dataset = mllm.dataset(records, image_folder, max_length)
     forward = model_forward(mllm.model)
     mllm.model.eval()
@@ -147,9 +151,7 @@ def main(argv: list[str]) -> dict:
     args = parser.parse_args(argv)
     if args.limit < 1 or args.batch_size < 1:
         raise ValueError(f"confidence-gap: --limit {args.limit} and --batch-size {args.batch_size}: expected >= 1")
-    for delta in args.delta or ():
-        if not 0 <= delta <= 1:
-            raise ValueError(f"confidence-gap: --delta {delta}: expected in [0, 1] (Eq. 2b; 0 gives I~ = I)")
+    check_deltas(args.delta or ())  # before the model loads
     device = evaluate.parse_device(args.device)
     model_path, config = evaluate.resolve_checkpoint(args.checkpoint)
     specs = args.train or config.get("train") or []

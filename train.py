@@ -684,6 +684,11 @@ def gate_answerer(mllm, root, batch_size: int = 32):
     return answer
 
 
+def base_model_name(model: str, seed: int, epochs: int, noise_max_delta: float) -> str:
+    """The cached base's folder name (next to --out-dir): per model, pre-training corpus, seed, epochs and dial."""
+    return f"base-{model}-testbed{testbed.PRETRAIN_VERSION}-seed{seed}-e{epochs}-noise{noise_max_delta:g}"
+
+
 def pretrain_base_model(cfg: TrainConfig, rank: int, world: int, device) -> Path:
     """The embedded default's stand-in for a pre-trained MLLM (testbed.py): the random tiny model trains
     every part, its vision tower included, on the testbed's pre-training corpus (own images, plain
@@ -694,9 +699,8 @@ def pretrain_base_model(cfg: TrainConfig, rank: int, world: int, device) -> Path
     if cfg.model not in models.BUILT_IN:
         raise ValueError(f"--base-epochs is for the tiny models; {cfg.model!r} is already pre-trained")
     root = Path(cfg.data_dir)
-    name = (f"base-{cfg.model}-testbed{testbed.PRETRAIN_VERSION}-seed{cfg.seed}-e{cfg.base_epochs}"
-            f"-noise{cfg.base_noise_max_delta:g}")
-    base_dir = Path(cfg.out_dir).parent / name
+    base_dir = Path(cfg.out_dir).parent / base_model_name(cfg.model, cfg.seed, cfg.base_epochs,
+                                                          cfg.base_noise_max_delta)
     if rank == 0 and testbed.ensure_world(root, seed=cfg.seed):
         print(f"wrote the testbed world (seed {cfg.seed}) in {root}")
     if not (root / "pretrain" / "train_caption.json").is_file():

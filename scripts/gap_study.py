@@ -129,7 +129,10 @@ def jobs() -> list[tuple[str, float, Job]]:
 
 
 def base_folder(out: Path, seed: int, dial: float) -> Path:
-    return out / f"seed{seed}" / f"base-tiny-llava-testbed5-seed{seed}-e{BASE_EPOCHS}-noise{dial:g}"
+    """Where train.py caches the base of (seed, D) for runs in OUT/seedS/ (train.base_model_name)."""
+    import train
+
+    return out / f"seed{seed}" / train.base_model_name("tiny-llava", seed, BASE_EPOCHS, dial)
 
 
 def gap_folder(out: Path, seed: int, dial: float) -> Path:
@@ -207,24 +210,20 @@ def collect(out: Path) -> int:
 def embedded_dial(out: Path) -> dict:
     """The rule above on seed 0: builds (or reads the cached) base at every D, prints each one's measurements and the
     chosen D; written to OUT/embedded_dial.json."""
-    import testbed
     import train
 
     rows = {}
     for dial in DIALS:
         folder = out / "seed0" / f"embedded-dial-{dial:g}"
-        base = out / "seed0" / f"base-tiny-llava-testbed5-seed0-e{BASE_EPOCHS}-noise{dial:g}"
-        if not (base / "confidence_gap.json").is_file():
+        if not (base_folder(out, 0, dial) / "confidence_gap.json").is_file():
             log = out / "logs" / f"seed0-base-noise{dial:g}.log"
             code = ("import sys, torch, train; "
                     "cfg = train.make_config(seed=0, base_noise_max_delta=float(sys.argv[1]), out_dir=sys.argv[2]); "
                     "train.pretrain_base_model(cfg, 0, 1, torch.device('cpu'))")
             if study.run_logged(["-c", code, f"{dial:g}", str(folder)], log)[0]:
                 raise RuntimeError(f"building seed 0's base at D = {dial:g} failed; see {log}")
-        gates_file = base / f"gates-world{testbed.WORLD_VERSION}.json"
-        gates = {row["gate"]: row for row in json.loads(gates_file.read_text())}
-        gap = json.loads((base / "confidence_gap.json").read_text())["tasks"]
-        caption = next(entry for entry in gap.values() if entry["task"] == "caption")["deltas"]["0.5"]
+        base = study.base_summary(out / "seed0", dial)  # its gates and its gap on the training captions
+        gates, caption = base["gates"], base["gap"]["0.5"]
         keeps = gates["noisy view keeps the picture"]["passed"]
         premise = caption["share_noisy_above_clean"] <= PREMISE_SHARE
         rows[f"{dial:g}"] = {"accuracy_clean": gates["sees"]["value"],

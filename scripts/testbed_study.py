@@ -349,15 +349,10 @@ def base_summary(seed_folder: Path, dial: float) -> dict:
             "gap": gap, "seconds": json.loads(seconds.read_text()) if seconds.is_file() else {}}
 
 
-def training_diagnostics(folder: Path) -> list[dict]:
-    """Per epoch, NRCA's logged means over its steps: clean confidence I and noisy I~ of the open samples, the share
-    with I~ > I, CE and the alignment term (empty for other methods)."""
-    steps = []
-    metrics = folder / "metrics.jsonl"
-    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
-        entry = json.loads(line)
-        if "step" in entry and "confidence" in entry:
-            steps.append(entry)
+def training_diagnostics(logged: list[dict]) -> list[dict]:
+    """Per epoch, NRCA's means over its steps (`logged`: a run's metrics.jsonl entries): clean confidence I and noisy
+    I~ of the open samples, the share with I~ > I, CE and the alignment term (empty for other methods)."""
+    steps = [entry for entry in logged if "step" in entry and "confidence" in entry]
     rows = []
     for epoch in sorted({math.ceil(e["epoch"] - 1e-9) for e in steps}):
         mine = [e for e in steps if math.ceil(e["epoch"] - 1e-9) == epoch]
@@ -398,7 +393,7 @@ def run_record(out: Path, job: Job, part: str, study: str, data_dir: Path, **ext
             "eval_seconds": round(sum(e.get("seconds", 0) for e in logged if "eval" in e), 1) if logged else None,
             "val_per_epoch": per_epoch, "val_final": val, "test_final": test,
             "diverged": diverged(judged) if judged else None, "diverged_on": "test" if test else "val",
-            "training": training_diagnostics(folder), "seconds": seconds}
+            "training": training_diagnostics(logged), "seconds": seconds}
 
 
 def write_results(out: Path, path: Path, jobs: list[tuple[str, Job]], study: str = "testbed_study",
