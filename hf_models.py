@@ -133,7 +133,7 @@ def set_resolution(mllm, max_pixels: int = 0, min_pixels: int = 0) -> None:
         raise ValueError(f"--max-pixels / --min-pixels: {family} resizes every image to a fixed size; they apply to "
                          f"the dynamic-resolution families {', '.join(DYNAMIC_RESOLUTION)}")
     image_processor = mllm.processor.image_processor
-    size = {"shortest_edge": image_processor.size["shortest_edge"], "longest_edge": image_processor.size["longest_edge"]}
+    size = {key: image_processor.size[key] for key in ("shortest_edge", "longest_edge")}
     size.update({key: value for key, value in (("longest_edge", max_pixels), ("shortest_edge", min_pixels)) if value})
     if size["shortest_edge"] > size["longest_edge"]:
         raise ValueError(f"--min-pixels {size['shortest_edge']} is above the max_pixels {size['longest_edge']}")

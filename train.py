@@ -350,7 +350,8 @@ def parse_train_spec(spec: str):
     head, sep, path = spec.partition("=")
     task, sep2, name = head.partition(":")
     if not (sep and sep2 and task in records.KINDS and name and path):
-        raise ValueError(f"--train/--test {spec!r}: expected TASK:NAME=PATH with TASK one of {', '.join(records.KINDS)}")
+        raise ValueError(f"--train/--test {spec!r}: expected TASK:NAME=PATH with TASK one of "
+                         f"{', '.join(records.KINDS)}")
     if not Path(path).is_file():
         raise ValueError(f"--train/--test {spec!r}: file {path} does not exist")
     return task, name, path
@@ -503,8 +504,9 @@ def build_dataset(cfg: TrainConfig, mllm, rank: int, world: int) -> loader.LazyS
         image_folder = cfg.image_folder or str(root)
     skipped = records.Skipped()
     check = loader.vicuna_length_check(mllm, cfg.max_length) if mllm.kind != "hf" else None
-    store = records.mix(sources, None if cfg.samples_per_dataset == -1 else cfg.samples_per_dataset, cfg.seed, cfg.skip_bad_records, skipped,
-                        records.special_tokens(mllm.tokenizer), check)
+    k = None if cfg.samples_per_dataset == -1 else cfg.samples_per_dataset  # --samples-per-dataset all
+    store = records.mix(sources, k, cfg.seed, cfg.skip_bad_records, skipped, records.special_tokens(mllm.tokenizer),
+                        check)
     if cfg.check_images:
         store = records.check_images(store, image_folder, cfg.skip_bad_records, skipped)
     dataset = loader.LazySamples(store, image_folder, mllm, cfg.max_length, cfg.skip_bad_records)
@@ -1061,10 +1063,14 @@ def gradient_diagnostics(named_params):
 def print_results(cfg: TrainConfig, epoch_results: list, attention: bool = True):
     """The per-epoch test scores (paper Fig. 1): CIDEr (x100), multiple-choice accuracy (%), their mean."""
     print(f"\n{cfg.method} on {cfg.model} ({cfg.out_dir}):")
-    print("| epoch | CIDEr | accuracy | AVG | unparsable answers |\n|---|---|---|---|---|")
+    keys = ["cider", "accuracy", "avg"] + (["open_exact_match"] if any("open_exact_match" in r for _, r in
+                                                                         epoch_results) else [])
+    print("| epoch | CIDEr | accuracy | AVG | unparsable answers |" + (" open exact match |" if len(keys) > 3 else "")
+          + "\n|---|---|---|---|---|" + ("---|" if len(keys) > 3 else ""))
     for epoch, result in epoch_results:
-        cells = [f"{result[k]:.2f}" if result.get(k) is not None else "-" for k in ("cider", "accuracy", "avg")]
-        print(f"| {epoch} | {' | '.join(cells)} | {result.get('n_unparsable', '-')} |")
+        cells = [f"{result[k]:.2f}" if result.get(k) is not None else "-" for k in keys]
+        print(f"| {epoch} | {' | '.join(cells[:3])} | {result.get('n_unparsable', '-')} |"
+              + "".join(f" {cell} |" for cell in cells[3:]))
     print(f"model: {Path(cfg.out_dir) / 'final'}; more: python evaluate.py {cfg.out_dir} [--noisy]"
           + (" [--attention]" if attention else ""))
 
