@@ -57,7 +57,7 @@ _CHUNK = 1 << 24  # characters read at a time while parsing a JSON list
 # ---------------------------------------------------------------------------------------------
 # Parsing, one record at a time
 # ---------------------------------------------------------------------------------------------
-def iter_records(path) -> "iter":
+def iter_records(path) -> iter:
     """The records of a JSON list or JSON lines file, one at a time. DataError for a file that is not UTF-8,
     empty, malformed (line and column), one JSON object that is not a record, or an empty list."""
     path = Path(path)

@@ -196,7 +196,8 @@ def main(argv=None) -> None:
         print(json.dumps(measure(args.folder, args.path, args.profile)))
     else:
         results = run(args.folder, args.paths.split(","), args.ranks, args.profile)
-        print(f"| path | ranks | rank | records | seconds to the first batch | max RSS (MB) |\n|---|---:|---:|---:|---:|---:|")
+        print("| path | ranks | rank | records | seconds to the first batch | max RSS (MB) |\n"
+              "|---|---:|---:|---:|---:|---:|")
         for r in results:
             print(f"| {r['path']} | {r['ranks']} | {r['rank']} | {r['records']} | {r['seconds_to_first_batch']} | "
                   f"{r['max_rss_mb']} |")
