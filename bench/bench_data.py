@@ -120,7 +120,7 @@ def measure(folder: Path, path: str, profile: bool = False) -> dict:
 
     torch.set_num_threads(1)
     cfg = train.make_config(model="tiny-llava", train=train_specs(folder), samples_per_dataset=-1,
-                            eval_every_epoch=False, base_epochs=0, max_length=512, image_folder=str(folder),
+                            eval_every_epoch=False, base_epochs=0, max_length=2048, image_folder=str(folder),
                             out_dir=str(folder / "runs" / "bench"))
     mllm = models.load_model(cfg.model)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
