@@ -411,16 +411,17 @@ def mix_datasets(sources, samples_per_dataset: int = 10_000, seed: int = 0, skip
 # ---------------------------------------------------------------------------------------------
 # Dataset and collation
 # ---------------------------------------------------------------------------------------------
-def open_image(path: Path, where: str, header_only: bool = False) -> Image.Image | None:
+def open_image(path: Path, where: str, header_only: bool = False) -> Image.Image | tuple[int, int]:
     """PIL RGB image, or FileNotFoundError / DataError naming the file and the record. With header_only,
-    only the header is read (unknown or non-image files fail; truncated pixel data does not) and None returned."""
+    only the header is read (unknown or non-image files fail; truncated pixel data does not) and its (width,
+    height) returned."""
     if path.is_dir():
         raise DataError(f"{where}: image {path} is a folder, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"{where}: image {path} does not exist")
     try:
         with Image.open(path) as image:
-            return None if header_only else image.convert("RGB")
+            return image.size if header_only else image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"{where}: image {path} cannot be read: {error}") from None
 

@@ -42,6 +42,7 @@ import functools
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -321,6 +322,24 @@ class HFMLLM:
         """One training sample of (question, answer) exchanges (see encode_conversation)."""
         text, pieces = self.conversation([(q, a.strip()) for q, a in turns], where)
         return self.encode_conversation(image, text, pieces, max_length, where)
+
+    def image_size_error(self, width: int, height: int) -> str | None:
+        """Why the processor would refuse a picture of this size, by its own rule, or None: a dynamic-resolution
+        family's `smart_resize` (Qwen2-VL: an aspect ratio over 200). train.py --check-images runs it on every
+        image's header before step 1; other families resize anything."""
+        if self.model.config.model_type not in DYNAMIC_RESOLUTION:
+            return None
+        image_processor = self.processor.image_processor
+        smart_resize = getattr(sys.modules[type(image_processor).__module__], "smart_resize", None)
+        if smart_resize is None:
+            return None
+        factor = image_processor.patch_size * image_processor.merge_size
+        try:
+            smart_resize(height, width, factor=factor, min_pixels=image_processor.size["shortest_edge"],
+                         max_pixels=image_processor.size["longest_edge"])
+        except ValueError as error:
+            return f"the {type(image_processor).__name__} refuses it: {error}"
+        return None
 
     def encode_record(self, images: list[Image.Image], turns: list[tuple[str, str]], max_length: int,
                       where: str = "record") -> dict:

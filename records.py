@@ -345,8 +345,7 @@ def mix(sources, samples_per_dataset: int | None = 10_000, seed: int = 0, skip_b
             raise DataError(f"dataset {name!r} ({path}): no usable record, all {len(skipped) - before} skipped as bad "
                             f"(first: {skipped.examples[0] if skipped.examples else '-'})")
         rng = random.Random(f"{seed}/{name}")  # as data.mix_datasets
-        k = len(store) if samples_per_dataset is None else samples_per_dataset
-        for index in draw(len(store), k, rng, f"dataset {name} ({path})"):
+        for index in draw(len(store), samples_per_dataset, rng, f"dataset {name} ({path})"):
             record = store[index]
             question = record["turns"][0][0]
             if len(record["turns"]) == 1 and len(record["image"]) == 1 and task != "open":
@@ -369,9 +368,10 @@ def mix(sources, samples_per_dataset: int | None = 10_000, seed: int = 0, skip_b
 
 
 def check_images(store: CompactRecords, image_folder, skip_bad_records: bool, skipped: Skipped,
-                 workers: int = 8) -> CompactRecords:
+                 workers: int = 8, size_error=None) -> CompactRecords:
     """--check-images: every image's header opened (a thread pool: the work is file I/O); a missing or unreadable
-    image stops the run naming its record, or with skip_bad_records the record is left out and counted."""
+    image, or one whose size `size_error(width, height)` refuses (the processor's own rule, HFMLLM.image_size_error),
+    stops the run naming its record, or with skip_bad_records the record is left out and counted."""
     folder = Path(image_folder)
 
     def check(index: int):
@@ -379,7 +379,10 @@ def check_images(store: CompactRecords, image_folder, skip_bad_records: bool, sk
         where = f"{record['source']}: record {record['index']} (id {record['id']!r})"
         try:
             for image in record["image"]:
-                open_image(folder / image, where, header_only=True)
+                width, height = open_image(folder / image, where, header_only=True)
+                problem = size_error(width, height) if size_error else None
+                if problem:
+                    return f"{where}: image {folder / image} ({width} x {height}): {problem}"
         except (DataError, FileNotFoundError) as error:
             return str(error)
         return None

@@ -508,7 +508,8 @@ def build_dataset(cfg: TrainConfig, mllm, rank: int, world: int) -> loader.LazyS
     store = records.mix(sources, k, cfg.seed, cfg.skip_bad_records, skipped, records.special_tokens(mllm.tokenizer),
                         check)
     if cfg.check_images:
-        store = records.check_images(store, image_folder, cfg.skip_bad_records, skipped)
+        store = records.check_images(store, image_folder, cfg.skip_bad_records, skipped,
+                                     size_error=getattr(mllm, "image_size_error", None))
     dataset = loader.LazySamples(store, image_folder, mllm, cfg.max_length, cfg.skip_bad_records)
     dataset.skipped = skipped
     if mllm.kind == "hf":

@@ -10,8 +10,9 @@ the data work to the first batch (model loading excluded, it is the same for bot
 does on two gloo ranks (torchrun), each rank building its own view, and reports each rank.
 
     python bench/bench_data.py make /tmp/mix200k --shape issue          # 100k 3-exchange captions + 100k choices
-    python bench/bench_data.py make /tmp/mix665k --shape llava665k      # LLaVA-1.5's mix: 665k, multi-turn,
+    python bench/bench_data.py make /tmp/mix665k --shape llava-mix      # LLaVA-1.5's mix: 665k, multi-turn,
                                                                         # 6 % text-only, <image> first or last
+    python bench/bench_data.py make runs/mix --shape llava-mix --records 2000   # a small one to train on
     python bench/bench_data.py run /tmp/mix200k [--paths lazy,eager] [--ranks 2] [--profile]
 
 The files hold a small pool of real PNGs (the records share them): the images' count does not change start-up,
@@ -42,7 +43,7 @@ def sentence(rng: random.Random, n_words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n_words)).capitalize() + "."
 
 
-def make(out: Path, shape: str, seed: int = 0, n_images: int = 64) -> dict:
+def make(out: Path, shape: str, records: int | None = None, seed: int = 0, n_images: int = 64) -> dict:
     """Write the benchmark's files: images/ (a pool of PNGs) and the JSON list(s) train.py reads."""
     from PIL import Image
 
@@ -64,8 +65,10 @@ def make(out: Path, shape: str, seed: int = 0, n_images: int = 64) -> dict:
         files[name] = (out / name).stat().st_size
 
     if shape == "issue":  # 100k three-exchange caption records + 100k choice records
+        half = (records or 200_000) // 2
+
         def captions():
-            for i in range(100_000):
+            for i in range(half):
                 turns = []
                 for k in range(3):
                     question = ("<image>\n" if k == 0 else "") + sentence(rng, 6)
@@ -73,7 +76,7 @@ def make(out: Path, shape: str, seed: int = 0, n_images: int = 64) -> dict:
                 yield {"id": f"cap-{i}", "image": image(), "conversations": turns}
 
         def choices():
-            for i in range(100_000):
+            for i in range(half):
                 options = "\n".join(f"{letter}. {rng.choice(WORDS)}" for letter in "ABCD")
                 yield {"id": f"mc-{i}", "image": image(), "conversations": [
                     {"from": "human", "value": f"<image>\n{sentence(rng, 8)}\n{options}"},
@@ -81,9 +84,9 @@ def make(out: Path, shape: str, seed: int = 0, n_images: int = 64) -> dict:
 
         write("captions.json", captions())
         write("choices.json", choices())
-    elif shape == "llava665k":  # one file shaped like llava_v1_5_mix665k.json
+    elif shape == "llava-mix":  # one file shaped like llava_v1_5_mix665k.json
         def mixture():
-            for i in range(665_000):
+            for i in range(records or 665_000):
                 text_only = rng.random() < 0.06
                 turns = []
                 for k in range(rng.choice((1, 1, 2, 3, 4, 6, 8))):
@@ -97,15 +100,18 @@ def make(out: Path, shape: str, seed: int = 0, n_images: int = 64) -> dict:
                     record["image"] = image()
                 yield record
 
-        write("mix665k.json", mixture())
+        write("llava_mix.json", mixture())
+        write("test_open.json", ({"id": f"test-{i}", "image": image(), "conversations": [
+            {"from": "human", "value": f"<image>\n{sentence(rng, 6)}"}, {"from": "gpt", "value": rng.choice(WORDS)}]}
+            for i in range(32)))  # an `open` test split: single-turn, one image
     else:
-        raise ValueError(f"--shape {shape!r}: issue or llava665k")
+        raise ValueError(f"--shape {shape!r}: issue or llava-mix")
     return files
 
 
 def train_specs(folder: Path) -> list[str]:
-    if (folder / "mix665k.json").is_file():
-        return [f"open:llava665k={folder / 'mix665k.json'}"]
+    if (folder / "llava_mix.json").is_file():
+        return [f"open:llava-mix={folder / 'llava_mix.json'}"]
     return [f"caption:captions={folder / 'captions.json'}", f"choice:choices={folder / 'choices.json'}"]
 
 
@@ -178,7 +184,8 @@ def main(argv=None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     maker = commands.add_parser("make", help="write the benchmark's data set")
     maker.add_argument("out", type=Path)
-    maker.add_argument("--shape", default="issue", choices=("issue", "llava665k"))
+    maker.add_argument("--shape", default="issue", choices=("issue", "llava-mix"))
+    maker.add_argument("--records", type=int, default=None, help="default: 200000 (issue), 665000 (llava-mix)")
     runner = commands.add_parser("run", help="measure lazy and eager side by side")
     runner.add_argument("folder", type=Path)
     runner.add_argument("--paths", default="lazy,eager", help="comma-separated: lazy, eager")
@@ -190,7 +197,7 @@ def main(argv=None) -> None:
     one.add_argument("--profile", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "make":
-        files = make(args.out, args.shape)
+        files = make(args.out, args.shape, args.records)
         print(f"wrote {args.out}: " + ", ".join(f"{name} ({size / 2**20:.0f} MiB)" for name, size in files.items()))
     elif args.command == "measure":
         print(json.dumps(measure(args.folder, args.path, args.profile)))

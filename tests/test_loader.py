@@ -272,6 +272,18 @@ def test_max_pixels_sets_qwens_budget(qwen, tmp_path):
     wide = Image.new("RGB", (2000, 3), (0, 0, 0))
     with pytest.raises(DataError, match="r: the .*Processor refused the record's image"):
         qwen.encode_record([wide], [("What?", "x")], 1024, "r")
+    # --check-images: the processor's own rule on every header, before step 1
+    (tmp_path / "images").mkdir()
+    wide.save(tmp_path / "images" / "wide.png")
+    Image.new("RGB", (32, 32)).save(tmp_path / "images" / "ok.png")
+    path = write_json(tmp_path / "w.json", [record(0, image="images/ok.png"), record(1, image="images/wide.png")])
+    store = records.mix([("open", "w", str(path))], None)
+    with pytest.raises(DataError, match=r"w: record 1 \(id '1'\): image .*wide.png \(2000 x 3\): the "
+                                        r".*refuses it: absolute aspect ratio must be smaller than 200"):
+        records.check_images(store, tmp_path, False, records.Skipped(), size_error=qwen.image_size_error)
+    skipped = records.Skipped()
+    kept = records.check_images(store, tmp_path, True, skipped, size_error=qwen.image_size_error)
+    assert [r["id"] for r in kept] == ["0"] and len(skipped) == 1
 
 
 def test_open_test_split_exact_match(tmp_path):
