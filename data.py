@@ -27,8 +27,10 @@ records, multi-task mixing, image loading, collation, and the synthetic embedded
   a `skipped` list. A malformed JSON file always raises (no record of it can be trusted), and so does a data set
   with no record (an empty file, an empty JSON list, every record skipped): it would silently leave the mix.
 
-Not here: the model's image processors (models.py), evaluation splits' scoring (evaluate.py), records
-with several images or none (rejected with a clear error).
+Records with several images or none (text-only) and prompts kept as written go through train.py's lazy path
+(records.py, loader.py), which uses the tokenisation here; the eager datasets here take one image per record.
+
+Not here: the model's image processors (models.py), evaluation splits' scoring (evaluate.py).
 
 Run:
     python data.py synthetic data/synthetic            # the embedded default's data (~1 s)

@@ -27,10 +27,13 @@ run on it unchanged. `models.load_model(folder)` returns one for every folder th
 
 A batch holds `pixel_values` = the dict of the processor's image tensors (pixel_values, image_grid_thw,
 image_sizes, pixel_attention_mask, ...) and of its token-aligned extras (`mm_token_type_ids`), which
-data.collate merges and methods.model_forward unpacks into the model call. One image per sample, in its
-first user turn.
+data.collate merges and methods.model_forward unpacks into the model call. A sample's image goes first in its first
+user turn; a text-only sample has none (`render`, n_images=0); several images (MULTI_IMAGE families, train.py's lazy
+path) go where the record's `<image>` placeholders are, each its own rows, so that Eq. (2) treats each image alone.
+`set_resolution` is train.py's --max-pixels / --min-pixels; `image_size_error` its --check-images rule.
 
-Not here: videos, several images per sample, modality interference (needs `embed`),
+Not here: videos, several images on Idefics3 / SmolVLM (one row holds every image's tiles), modality interference
+(needs `embed`),
 attention shares (Table 1 locates the vicuna_v1 system prompt): the README's table lists them.
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_hf_models.py
