@@ -450,6 +450,8 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
                attn_implementation: str | None = None, downsample_order: str | None = None):
     """"tiny-llava" | "tiny-vila" | "small-llava" | a transformers LLaVA folder | a VILA1.5 folder -> MLLM;
     any other transformers image-text-to-text folder -> hf_models.HFMLLM (the chat-template adapter). Eval mode.
+    A folder that also holds a peft LoRA adapter (train.py --lora-rank: adapter_config.json beside the model) is
+    returned with the adapter merged into the weights (lora.merge_saved_adapter).
 
     downsample_order (VILA only): None reads it from mm_projector/config.json (PROJECTOR_TYPE_ORDER:
     "mlp_downsample" -> "vila1.5", "mlp_downsample_2x2_fix" -> "nvila"); "vila1.5" | "nvila" overrides it,
@@ -463,6 +465,10 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
                            downsample_order or "vila1.5")
     else:
         mllm = _load_folder(name_or_path, dtype, attn_implementation, downsample_order)
+        if os.path.isfile(os.path.join(name_or_path, "adapter_config.json")):  # train.py --lora-rank's final/
+            import lora
+
+            lora.merge_saved_adapter(mllm, name_or_path)
     mllm.model.to(device=device, dtype=dtype).eval()
     return mllm
 
