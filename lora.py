@@ -28,6 +28,7 @@ Tests: `python -m pytest -q tests/test_lora.py`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -138,10 +139,6 @@ def add_adapters(mllm, cfg, tune_last_layers: int, groups: list[dict]) -> list[d
     return [g for g in by_name.values() if g["params"]]
 
 
-def adapter_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(name, p) for name, p in model.named_parameters() if ".lora_" in name]
-
-
 # ---------------------------------------------------------------------------------------------
 # The final model: adapter + base with the trained connector, or merged.
 # ---------------------------------------------------------------------------------------------
@@ -157,8 +154,7 @@ def save_final(copy, trained: dict, cfg, folder: Path, save_model_whole, tune_la
 
     targets = target_modules(copy, tune_last_layers, cfg.lora_targets, cfg.lora_connector)
     keep = [] if cfg.lora_connector else module_names(copy.model, copy.connector_modules())
-    with warnings.catch_warnings():  # peft asks the model a deprecated transformers question; nothing for our user
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+    with quiet():
         peft_model = get_peft_model(copy.model, lora_config(cfg, targets, keep))
     peft_model.peft_config["default"].base_model_name_or_path = source
     params = dict(peft_model.named_parameters())
@@ -190,7 +186,8 @@ def merge_saved_adapter(mllm, folder: str) -> None:
     if getattr(model, "_hf_peft_config_loaded", False):  # attached by transformers: merge its LoRA layers
         _merge_attached(model)
         return
-    peft_model = PeftModel.from_pretrained(model, folder)
+    with quiet():
+        peft_model = PeftModel.from_pretrained(model, folder)
     mllm.model = peft_model.merge_and_unload()
 
 
@@ -219,8 +216,12 @@ def _merge_attached(model: nn.Module) -> None:
             delattr(model, attribute)
 
 
-def has_adapter(folder) -> bool:
-    return os.path.isfile(os.path.join(str(folder), "adapter_config.json"))
+@contextlib.contextmanager
+def quiet():
+    """peft asks the model a deprecated transformers question (is_gradient_checkpointing): nothing for our user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
 
 
 def read_adapter_config(folder) -> dict:

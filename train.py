@@ -753,8 +753,9 @@ def pretrain_base_model(cfg: TrainConfig, rank: int, world: int, device) -> Path
                                    data_dir=str(root / "pretrain"), image_folder=str(root), out_dir=str(base_dir),
                                    samples_per_dataset=1_000_000, eval_every_epoch=False, eval_noisy_final=False,
                                    compare="", resume=False, stop_at_step=0, train=None, diagnose_every=0,
-                                   overwrite=True, lora_rank=0, lora_alpha=None, lora_dropout=0.0, lora_targets="",
-                                   lora_connector=False, merge_lora=False)  # a cache: an interrupted pre-training starts again
+                                   overwrite=True,  # a cache: an interrupted pre-training starts again
+                                   lora_rank=0, lora_alpha=None, lora_dropout=0.0, lora_targets="",
+                                   lora_connector=False, merge_lora=False)  # every part trains in full
         if rank == 0:
             print(f"stage 2: pre-training the base {cfg.model} in {base_dir} ({cfg.base_epochs} epochs, every part "
                   "trains, noise-augmented)")
