@@ -173,7 +173,8 @@ def decoder_layer_bytes(config, tokens: int, bf16: bool, trainable: bool, lora_r
       the MLP keeps gate, silu(gate) and up (3 I a).
     trainable layer, in addition: each RMSNorm's normalised output and the Linear's input (2 x 2H a), the
       down projection's input (I a) and, under autocast, bf16 copies of its fp32 weights (2 bytes a weight).
-    LoRA layer (`lora_rank` R > 0, `trainable`): the same inputs (A's gradient needs them; dropout 0), each of
+    LoRA layer (`lora_rank` R > 0, `trainable`): the Linears' inputs (2 x H a after the two norms, I a for
+      down; A's gradient needs them; dropout 0) but not the norms' outputs (their weights are frozen), each of
       the 7 projections' A x (R a; B's gradient needs it) and bf16 copies of the `lora_weights` adapter weights
       only (the frozen weights are bf16 already). With --lora-dropout > 0 each projection keeps its own dropped
       input as well (not counted).
@@ -184,7 +185,7 @@ def decoder_layer_bytes(config, tokens: int, bf16: bool, trainable: bool, lora_r
     a = 2 if bf16 else 4
     per_token = 8 * H + 8 + (2 * H + 2 * kv) * a + 4 * heads + 3 * I * a
     if trainable:
-        per_token += 4 * H * a + I * a
+        per_token += (2 if lora_rank else 4) * H * a + I * a
     weights = 0
     if trainable and bf16:
         weights = 2 * (lora_weights if lora_rank else 2 * H * H + 2 * H * kv + 3 * H * I)
