@@ -224,12 +224,16 @@ def test_unknown_target_is_named():
 
 @pytest.mark.parametrize("method", ["nrca", "mi-consistency"])
 def test_methods_that_work_with_lora(method, synthetic_data_dir, tmp_path):
-    out = run(synthetic_data_dir, tmp_path / method, method=method, lora_connector=True, epochs=1)
+    # NRCA also with activation checkpointing and the per-epoch evaluation (generation through the adapter).
+    extra = dict(activation_checkpointing=True, eval_every_epoch=True, eval_limit=2, eval_max_new_tokens=4,
+                 eval_noisy_final=False) if method == "nrca" else {}
+    out = run(synthetic_data_dir, tmp_path / method, method=method, lora_connector=True, **extra)
     trained = latest_weights(out)
     assert trained and all(".lora_" in name for name in trained)  # --lora-connector: the connector has an adapter
     assert any("multi_modal_projector" in name for name in trained)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in lines if "loss" in r)
+    assert any("eval" in r for r in lines) == (method == "nrca")
 
 
 # ---------------------------------------------------------------------------------------------
