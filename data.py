@@ -99,7 +99,7 @@ def adds_prefix_space(tokenizer) -> bool:
     return bool(tokens) and str(tokens[0]).startswith("\u2581")
 
 
-def encode_conversation(question: str, answer: str, tokenizer, where: str = "conversation"):
+def encode_conversation(question: str, answer: str, tokenizer, where: str = "conversation", image: bool = True):
     """Text token ids of one turn as three pieces: (prefix, suffix, answer).
 
     prefix = <s> + "{SYSTEM} USER: " (bos prepended here, not by the tokenizer's post-processor),
@@ -116,6 +116,9 @@ def encode_conversation(question: str, answer: str, tokenizer, where: str = "con
     if IMAGE_PLACEHOLDER in answer:
         raise DataError(f"{where}: the answer holds an {IMAGE_PLACEHOLDER!r} placeholder")
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    if not image:  # a text-only record: LLaVA tokenises its prompt in one piece (no image to split it at)
+        prompt = bos + tokenizer(f"{SYSTEM_PROMPT} USER: {question} ASSISTANT:", add_special_tokens=False).input_ids
+        return prompt, [], _answer_ids(answer, tokenizer, where)
     prefix = bos + tokenizer(f"{SYSTEM_PROMPT} USER: ", add_special_tokens=False).input_ids
     suffix = tokenizer(f"\n{question} ASSISTANT:", add_special_tokens=False).input_ids
     return prefix, suffix, _answer_ids(answer, tokenizer, where)
@@ -131,7 +134,7 @@ def _answer_ids(answer: str, tokenizer, where: str) -> list[int]:
     return tokenizer(answer_text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
 
 
-def encode_turns(turns: list[tuple[str, str]], tokenizer, where: str = "conversation"):
+def encode_turns(turns: list[tuple[str, str]], tokenizer, where: str = "conversation", image: bool = True):
     """Token ids of a conversation, (question, answer) per exchange -> (prefix, rounds), rounds a list of
     (prompt ids, answer ids + </s>) per exchange.
 
@@ -139,10 +142,11 @@ def encode_turns(turns: list[tuple[str, str]], tokenizer, where: str = "conversa
     later one is "USER: {q} ASSISTANT:" | " {a}</s>", the text vicuna_v1 puts after a "</s>". Each piece is
     tokenised on its own, as LLaVA's `preprocess_v1` (44e0562) counts a round's length: it tokenises every
     round "USER: ... ASSISTANT: a" on its own (its own leading "▁" for SentencePiece) and requires the
-    whole conversation to have the same length, else it masks the sample out."""
+    whole conversation to have the same length, else it masks the sample out. A text-only record (image=False)
+    has its first prompt in one piece, "{SYSTEM} USER: {q1} ASSISTANT:", and no image to expand."""
     if not turns:
         raise DataError(f"{where}: no exchange (human, gpt) to train on")
-    prefix, suffix, answer_ids = encode_conversation(turns[0][0], turns[0][1], tokenizer, where)
+    prefix, suffix, answer_ids = encode_conversation(turns[0][0], turns[0][1], tokenizer, where, image)
     rounds = [(suffix, answer_ids)]
     for i, (question, answer) in enumerate(turns[1:], 2):
         here = f"{where} exchange {i}"
@@ -226,10 +230,12 @@ def question_and_answer(record: dict, where: str) -> tuple[str, str]:
     return conversation_turns(record, where)[0]
 
 
-def conversation_turns(record: dict, where: str) -> list[tuple[str, str]]:
-    """(question, answer) of every exchange of a record, stripped; the image placeholder (exactly one, in
-    the first human turn, as LLaVA's data have it) removed from the first question. Turns must alternate
-    human, gpt, starting with human and ending with gpt; DataError names the turn otherwise."""
+def conversation_turns(record: dict, where: str, n_images: int = 1) -> list[tuple[str, str]]:
+    """(question, answer) of every exchange of a record, stripped. Turns must alternate human, gpt, starting with
+    human and ending with gpt; DataError names the turn otherwise. The record's image placeholders must number
+    `n_images` (its images) and sit in human turns: with one image (LLaVA's data), exactly one placeholder in the
+    first human turn, removed from the question (LLaVA puts the image first); with none (text-only), none; with
+    several (the generic families), the placeholders stay in the questions where they are written."""
     if "question" in record and "answer" in record and "conversations" not in record:
         return [(str(record["question"]), str(record["answer"]))]
     turns = record.get("conversations")
@@ -248,17 +254,25 @@ def conversation_turns(record: dict, where: str) -> list[tuple[str, str]]:
                             "(turns alternate human, gpt)")
     if len(turns) % 2:
         raise DataError(f"{where}: the last turn ({len(turns) - 1}) is from 'human' with no answer after it")
-    human = turns[0]["value"]
-    if IMAGE_PLACEHOLDER not in human:
+    in_reply = [i for i in range(1, len(turns), 2) if IMAGE_PLACEHOLDER in turns[i]["value"]]
+    if in_reply:
+        raise DataError(f"{where}: reply turn {in_reply[0]} holds an {IMAGE_PLACEHOLDER!r} placeholder (images belong "
+                        "in human turns)")
+    placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in turns)
+    if n_images == 1 and IMAGE_PLACEHOLDER not in turns[0]["value"]:
         raise DataError(f"{where}: the first human turn has no {IMAGE_PLACEHOLDER!r} placeholder")
-    if sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in turns) > 1:
+    if n_images == 1 and placeholders > 1:
         raise DataError(f"{where}: the conversation holds several {IMAGE_PLACEHOLDER!r} placeholders; one image per "
                         "record, in its first human turn, is supported")
+    if placeholders != n_images:
+        raise DataError(f"{where}: {placeholders} {IMAGE_PLACEHOLDER!r} placeholder(s) in the conversation for "
+                        f"{n_images} image(s) in 'image'; they must match")
     exchanges = []
     for i in range(0, len(turns), 2):
-        question = turns[i]["value"].replace(IMAGE_PLACEHOLDER, "", 1).strip()
+        question = turns[i]["value"]
+        question = (question.replace(IMAGE_PLACEHOLDER, "", 1) if n_images == 1 else question).strip()
         answer = turns[i + 1]["value"].strip()
-        if i > 0 and not question:
+        if not question and (i > 0 or n_images == 0):
             raise DataError(f"{where}: human turn {i} is empty")
         if not answer:
             raise DataError(f"{where}: the answer turn is empty (turn {i + 1})")
@@ -279,51 +293,10 @@ def validate_record(record, where: str) -> None:
     conversation_turns(record, where)
 
 
-def _looks_like_record(value: dict) -> bool:
-    return bool({"id", "image", "conversations"} & value.keys())
-
-
 def _parse_json_or_jsonl(path: Path) -> list:
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw[:error.start].count(b"\n") + 1
-        column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
-        raise DataError(f"{path}: not UTF-8 text: byte 0x{raw[error.start]:02x} at line {line}, column {column} "
-                        f"({error.reason}); save the file as UTF-8") from None
-    if not text.strip():
-        raise DataError(f"{path}: empty file (expected a JSON list or JSON lines)")
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: "
-                            f"{error.msg}") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of records")
-        if not data:  # as an empty file: a data set that would silently leave the mix
-            raise DataError(f"{path}: an empty JSON list (no records)")
-        return data
-    if text.lstrip().startswith("{"):
-        try:
-            whole = json.loads(text)
-        except json.JSONDecodeError:
-            whole = None  # JSON lines, read below
-        # One JSON object is a JSONL file of one record only if it sits on one line and looks like a record.
-        if isinstance(whole, dict) and (len(text.strip().splitlines()) > 1 or not _looks_like_record(whole)):
-            raise DataError(f"{path}: holds one JSON object (keys {sorted(whole)[:5]}), expected a JSON list of "
-                            "records [{...}, ...] or JSON lines (one record per line)")
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}: malformed JSON at line {lineno}, column {error.colno}: {error.msg} "
-                            "(read as JSON lines: one record per line)") from None
-    return records
+    import records  # the one parser (records.iter_records imports this module)
+
+    return list(records.iter_records(path))
 
 
 def load_records(path, skip_bad_records: bool = False, skipped: list | None = None) -> list[dict]:
@@ -370,6 +343,18 @@ def with_choice_suffix(question: str) -> str:
     return question if question.endswith(CHOICE_SUFFIX) else f"{question}\n{CHOICE_SUFFIX}"
 
 
+def draw(n: int, k: int | None, rng: random.Random, name: str) -> list[int]:
+    """k of n record indices without replacement, in draw order (all of them shuffled, logged, when n <= k; k = None
+    asks for all, not logged). The one draw of the mix: records.mix (lazy) and mix_datasets (eager) share it."""
+    if k is not None and n > k:
+        return rng.sample(range(n), k)
+    if k is not None:
+        log.warning("%s: %d records <= samples_per_dataset=%d; using all of them", name, n, k)
+    chosen = list(range(n))
+    rng.shuffle(chosen)
+    return chosen
+
+
 def mix_datasets(sources, samples_per_dataset: int = 10_000, seed: int = 0, skip_bad_records: bool = False,
                  skipped: list | None = None) -> list[dict]:
     """k random records per dataset, prompts rewritten as in the paper (Sec. 4.1).
@@ -401,14 +386,7 @@ def mix_datasets(sources, samples_per_dataset: int = 10_000, seed: int = 0, skip
             raise DataError(f"dataset {source.name!r} ({source.path}): no usable record, all {len(bad)} skipped as "
                             f"bad (first: {bad[0] if bad else '-'})")
         rng = random.Random(f"{seed}/{source.name}")  # str seeds are stable across runs and processes
-        if len(records) <= samples_per_dataset:
-            chosen = list(range(len(records)))
-            rng.shuffle(chosen)
-            log.warning("dataset %s (%s): %d records <= samples_per_dataset=%d; using all of them",
-                        source.name, source.path, len(records), samples_per_dataset)
-        else:
-            chosen = rng.sample(range(len(records)), samples_per_dataset)
-        for index in chosen:
+        for index in draw(len(records), samples_per_dataset, rng, f"dataset {source.name} ({source.path})"):
             record = records[index]
             turns = conversation_turns(record, _record_name(source.path, index, record))
             question, answer = turns[0]
@@ -566,11 +544,18 @@ def collate(batch: list[dict], pad_token_id: int, left: bool = False) -> dict:
            "attention_mask": pad_sequences([torch.ones_like(row) for row in rows], 0, left=left)}  # (B, T)
     if "labels" in batch[0]:
         out["labels"] = pad_sequences([item["labels"] for item in batch], IGNORE_INDEX, left=left)  # (B, T)
-    pixels = [item["pixel_values"] for item in batch]
-    if isinstance(pixels[0], dict):
+    has_image = [item["pixel_values"] is not None and (not isinstance(item["pixel_values"], dict) or
+                                                        bool(set(item["pixel_values"]) - set(TOKEN_ALIGNED)))
+                 for item in batch]
+    if not all(has_image):  # text-only samples (no picture, no noisy view: NRCA gives them CE only)
+        out["has_image"] = torch.tensor(has_image)  # (B,)
+    pixels = [item["pixel_values"] for item in batch if item["pixel_values"] is not None]  # text-only: None
+    if not pixels:
+        out["pixel_values"] = None
+    elif isinstance(pixels[0], dict):
         out["pixel_values"] = merge_images(pixels, left=left)
     else:
-        out["pixel_values"] = torch.stack(pixels) if pixels[0].dim() == 3 else torch.cat(pixels)  # (B, C, H, W)
+        out["pixel_values"] = torch.stack(pixels) if pixels[0].dim() == 3 else torch.cat(pixels)  # (N_img, C, H, W)
     for key, name in (("id", "ids"), ("task", "tasks"), ("source", "sources")):
         if key in batch[0]:
             out[name] = [item[key] for item in batch]
@@ -582,14 +567,17 @@ def merge_images(parts: list[dict], left: bool = False) -> dict:
     (Qwen2-VL) are concatenated along the patch axis; tiled layouts (1, n_tiles, C, H, W) and Idefics3's
     pixel_attention_mask are zero-padded to the largest n_tiles, H and W (what the processors do in a batched
     call: the models drop all-zero tiles and mask zero pixels); token-aligned extras are padded like input_ids."""
-    keys = set(parts[0])
-    for part in parts:
+    with_images = [part for part in parts if set(part) - set(TOKEN_ALIGNED)]  # a text-only sample has none
+    keys = set(with_images[0]) if with_images else set()
+    for part in with_images:
         if set(part) != keys:
             raise ValueError(f"data.merge_images: samples carry different image keys {sorted(keys)} vs "
                              f"{sorted(part)}")
     merged = {}
-    for key in sorted(keys):
-        tensors = [part[key] for part in parts]
+    for key in sorted(keys | {key for part in parts for key in part}):
+        if key in TOKEN_ALIGNED and any(key not in part for part in parts):
+            raise ValueError(f"data.merge_images: {key} is missing from some samples")
+        tensors = [part[key] for part in (parts if key in TOKEN_ALIGNED else with_images)]
         tiled = "image_grid_thw" not in keys and (key == "pixel_attention_mask" or tensors[0].dim() == 5)
         if key in TOKEN_ALIGNED:
             merged[key] = pad_sequences([t[0] for t in tensors], 0, left=left)  # (B, T)
@@ -597,7 +585,7 @@ def merge_images(parts: list[dict], left: bool = False) -> dict:
             shape = [max(sizes) for sizes in zip(*(t.shape[1:] for t in tensors), strict=True)]
             padded = []
             for t in tensors:
-                out = t.new_zeros(1, *shape)  # (1, n, [C,] H, W)
+                out = t.new_zeros(t.shape[0], *shape)  # (images, n, [C,] H, W): OneVision has a row per image
                 out[(slice(None), *(slice(0, n) for n in t.shape[1:]))] = t
                 padded.append(out)
             merged[key] = torch.cat(padded)

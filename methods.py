@@ -142,6 +142,8 @@ class NRCA(Method):
             # Eq. (6) with lam = 0 is CE; with delta = 0, Eq. (2b) gives x~ = x, so I~ = I and Eq. (5b) is 0.
             # Either way NRCA is Full FT (paper Fig. 4): skip the noisy branch, so the update is exactly Full FT's.
             return super().loss(forward, batch)
+        if batch["pixel_values"] is None:  # text-only samples alone: no noisy view, CE only (nrca.py)
+            return super().loss(forward, batch)
         noisy = self.noisy_pixels(batch)
         if self.cfg.nrca_impl == "released":
             clean_stats = released_token_stats(forward, batch, batch["pixel_values"])
@@ -151,7 +153,7 @@ class NRCA(Method):
         (confidence, nll, mask), (noisy_confidence, _, _) = clean_stats, noisy_stats
         out = nrca_objective(nll, confidence, noisy_confidence, mask, lam=self.cfg.lam,
                              min_open_tokens=self.cfg.min_open_tokens,
-                             alignment=self.cfg.nrca_alignment)
+                             alignment=self.cfg.nrca_alignment, has_image=batch.get("has_image"))
         metrics = {"ce": out.ce.detach(), "alignment": out.alignment.detach(),
                    "n_open": int(out.n_open), "n_empty": int(out.n_empty),
                    # Eq. (5b) made visible: mean I and I~ of the open samples, share with I~ > I.

@@ -10,6 +10,8 @@
 - Multiple choice (fixed-choice): `parse_choice` reads the option letter a model wrote; when none can be
   read, `match_option_text` does IconQA-style exact matching of the answer text against one option;
   `choice_metrics` counts the rest as wrong and unparsable.
+- Open answers (VQA, instructions: train.py's `open` task): `exact_match` of VQA-style normalised text
+  (`normalise_answer`), beside CIDEr against the same references.
 
 Predictions are always matched to references / answers by id (`check_matching_ids`), never by position.
 Used by evaluate.py (generation + command line) and its `score` command; no model code here.
@@ -275,3 +277,28 @@ def choice_metrics(predictions: dict[str, str], answers: dict[str, str],
         per_id[key] = {"letter": letter, "correct": correct}
     return {"accuracy": 100.0 * n_correct / len(predictions), "n_choice": len(predictions), "n_correct": n_correct,
             "n_unparsable": n_unparsable, "n_option_text_matched": n_text, "per_id": per_id}
+
+
+# ---------------------------------------------------------------------------------------------
+# Open answers (train.py's `open` task): normalised exact match, VQA-style
+# ---------------------------------------------------------------------------------------------
+NUMBER_WORDS = {word: str(i) for i, word in enumerate("zero one two three four five six seven eight nine ten".split())}
+ARTICLES = {"a", "an", "the"}
+
+
+def normalise_answer(text: str) -> str:
+    """VQA-style normalisation: lower case, punctuation dropped (a decimal point kept), number words as digits,
+    articles removed, whitespace collapsed. "Two dogs." -> "2 dogs"; "The 3.5 m pole" -> "3.5 m pole"."""
+    text = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", text.lower())
+    text = re.sub(r"[^\w\s.]", " ", text)
+    words = [NUMBER_WORDS.get(word, word) for word in text.split() if word not in ARTICLES]
+    return " ".join(words)
+
+
+def exact_match(predictions: dict[str, str], references: dict[str, list[str]]) -> dict:
+    """Share (%) of predictions whose normalised text equals one of their references' (normalise_answer), and per
+    id whether it does: {"exact_match", "per_id": {id: bool}}."""
+    check_matching_ids("exact_match", predictions, references, "references", "a reference")
+    per_id = {key: normalise_answer(predictions[key]) in {normalise_answer(r) for r in references[key]}
+              for key in references}
+    return {"exact_match": 100 * sum(per_id.values()) / max(len(per_id), 1), "per_id": per_id}

@@ -77,8 +77,11 @@ from data import (
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
     SYSTEM_PROMPT,
+    DataError,
     MultiTaskDataset,
+    assemble_turns,
     collate,
+    encode_turns,
     pad_to_square,
     tokenize_conversation,
 )
@@ -322,6 +325,21 @@ class MLLM:
         """Training samples of data.py's records: the vicuna_v1 conversation tokenised as LLaVA / VILA did."""
         return MultiTaskDataset(records, image_folder, self.tokenizer, self.preprocess, self.num_image_tokens,
                                 self.image_token_id, max_length, skip_bad_records=skip_bad_records)
+
+    def encode_record(self, images: list[Image.Image], turns: list[tuple[str, str]], max_length: int,
+                      where: str = "record") -> dict:
+        """One training sample of a record (loader.py, on the fly): input_ids (T,), labels (T,), pixel_values
+        (C, H, W) or None for a text-only record, prompt_length. The ids are MultiTaskDataset's, piece by piece
+        (data.encode_turns); a text-only record is tokenised as LLaVA's preprocess_v1 does without an image."""
+        if len(images) > 1:
+            raise DataError(f"{where}: {len(images)} images; {self.kind} takes one image per sample (LLaVA-1.5 and "
+                            "VILA1.5 were trained so): use a generic family for multi-image records")
+        pieces = encode_turns(turns, self.tokenizer, where, image=bool(images))
+        input_ids, labels = assemble_turns(*pieces, self.num_image_tokens if images else 0, self.image_token_id,
+                                           max_length, where)
+        return {"input_ids": input_ids, "labels": labels,
+                "pixel_values": self.preprocess(images)[0] if images else None,  # (C, H, W)
+                "prompt_length": int((labels != IGNORE_INDEX).nonzero()[0])}
 
     def collate(self, items: list[dict], left: bool = False) -> dict:
         return collate(items, self.pad_token_id, left=left)

@@ -14,6 +14,8 @@ so the clean logits get exactly the CE gradient and the noisy logits only the gr
 The alignment applies to open-response samples only: at least `min_open_tokens` = 3 answer tokens
 (a fixed-choice answer is a letter + EOS = 2 tokens). The noisy branch's own CE is not used.
 
+A text-only record (no picture, hence no noisy view) is never open-response: it gets CE only (`has_image`).
+
 A multi-turn record (data.py) is one sample whose answer tokens are those of all its assistant turns,
 each with its </s>: T, CE and I run over all of them, and it is open-response when they number at least
 `min_open_tokens`. So two one-letter answers (2 + 2 = 4 tokens) make an open-response sample, as the
@@ -132,6 +134,7 @@ def nrca_objective(
     lam: float = 2.0,
     min_open_tokens: int = 3,
     alignment: str = "paper",
+    has_image: torch.Tensor | None = None,
 ) -> NRCAOutput:
     """Eq. (4)-(6) from per-token values on the (B, T) answer grid.
 
@@ -144,6 +147,8 @@ def nrca_objective(
         one-token shift the count is the same unless the first label position is itself an answer
         token, which never happens (position 0 is BOS / the system prompt). So 3 here == `> 2` there.
     alignment: "paper" (Eq. 5b) or one of the variants beyond the paper (module docstring).
+    has_image: (B,) bool or None (every sample has one); a text-only sample has no noisy view (Eq. 2 needs a
+        picture), so it is never open-response here: it gets CE only.
     """
     _check_grid("nll", nll, label_mask)
     lam = float(lam)
@@ -158,6 +163,8 @@ def nrca_objective(
     clean_confidence, noisy_mean_confidence, is_open = sample_confidences(confidence, noisy_confidence, label_mask,
                                                                           min_open_tokens)
     clean_confidence = clean_confidence.detach()  # sg(I): Eq. (5b), Appendix C Eq. (8)-(9)
+    if has_image is not None:
+        is_open = is_open & has_image.to(is_open.device)  # a text-only sample: CE only
 
     # Eq. (6), first term: mean over the samples that have an answer token.
     n_answered = has_answer.sum()  # ()

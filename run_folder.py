@@ -46,6 +46,7 @@ from pathlib import Path
 # micro_batch_size / fsdp change the summation order of a step only (activation checkpointing not even that);
 # the steps per epoch are checked. merge_lora changes only how the final model is written.
 CHANGEABLE_ON_RESUME = ("preset", "out_dir", "resume", "overwrite", "stop_at_step", "save_every", "test",
+                        "num_workers", "check_images",
                         "eval_every_epoch", "eval_max_new_tokens", "eval_limit", "eval_noisy_final", "diagnose_every",
                         "image_folder", "micro_batch_size", "fsdp", "compile", "activation_checkpointing", "plan",
                         "gpu_memory", "plan_ranks", "plan_text_tokens", "plan_answer_tokens", "report_to",
@@ -267,9 +268,11 @@ def fingerprint(cfg, sources, steps_per_epoch: int, known: dict | None = None) -
             "steps_per_epoch": steps_per_epoch}
 
 
-def record_start(out_dir: Path, cfg, sources, steps_per_epoch: int) -> None:
-    """A new run: OUT/run.json, against which every later --resume is compared."""
-    write_json_atomic(Path(out_dir) / "run.json", fingerprint(cfg, sources, steps_per_epoch))
+def record_start(out_dir: Path, cfg, sources, steps_per_epoch: int, skipped: dict | None = None) -> None:
+    """A new run: OUT/run.json, against which every later --resume is compared; `skipped`: the records
+    --skip-bad-records left out before step 1, a count per reason (records.Skipped)."""
+    write_json_atomic(Path(out_dir) / "run.json", {**fingerprint(cfg, sources, steps_per_epoch),
+                                                   "skipped_before_step_1": skipped or {}})
 
 
 def differences(started: dict, now: dict) -> list[str]:

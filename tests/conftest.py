@@ -144,7 +144,8 @@ def write_sentencepiece_folder(folder, tokenizer_config: dict | None = None):
     return sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
 
 
-def preprocess_v1_reference(turns, encode, bos_id: int, eos_id: int, num_image_tokens: int, image_token_id: int):
+def preprocess_v1_reference(turns, encode, bos_id: int, eos_id: int, num_image_tokens: int, image_token_id: int,
+                            with_image: bool = True):
     """Our transcription of LLaVA's `preprocess_v1` + `tokenizer_image_token` (haotian-liu/LLaVA 44e0562,
     2023-10-05, llava/train/train.py and llava/mm_utils.py) for one record with an image, followed by the
     expansion of the image slot to num_image_tokens positions labelled -100 (the model's
@@ -160,7 +161,9 @@ def preprocess_v1_reference(turns, encode, bos_id: int, eos_id: int, num_image_t
        " ASSISTANT: ": round length = len(tokenizer_image_token(round)) (its bos stands for its "</s>"),
        instruction length = len(tokenizer_image_token(round up to and including " ASSISTANT: ")) - 2 (bos and
        the trailing space's token) is masked; everything after the last round masked; if the rounds do not add
-       up to the sequence length the whole sample is masked ("tokenization mismatch")."""
+       up to the sequence length the whole sample is masked ("tokenization mismatch").
+    with_image=False: a text-only record, preprocess_v1's has_image=False branch: no "<image>\\n", and
+    `tokenizer` where it calls `tokenizer_image_token` (the same function on a text without "<image>")."""
     ignore = -100
 
     def tokenizer(text):
@@ -178,7 +181,8 @@ def preprocess_v1_reference(turns, encode, bos_id: int, eos_id: int, num_image_t
     conversation = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
                     "helpful, detailed, and polite answers to the user's questions. ")
     for k, (question, answer) in enumerate(turns):
-        conversation += f"USER: {'<image>' + chr(10) if k == 0 else ''}{question} ASSISTANT: {answer}</s>"
+        image = "<image>\n" if k == 0 and with_image else ""  # has_image False: LLaVA's tokenizer(), no image
+        conversation += f"USER: {image}{question} ASSISTANT: {answer}</s>"
     input_ids = tokenizer_image_token(conversation)
     labels = list(input_ids)
     position = 1
@@ -196,7 +200,8 @@ def preprocess_v1_reference(turns, encode, bos_id: int, eos_id: int, num_image_t
     labels[position:] = [ignore] * (len(labels) - position)
     if position != len(input_ids):
         labels = [ignore] * len(labels)
-    slot = input_ids.index(image_token_id)
-    input_ids[slot:slot + 1] = [image_token_id] * num_image_tokens
-    labels[slot:slot + 1] = [ignore] * num_image_tokens
+    if with_image:
+        slot = input_ids.index(image_token_id)
+        input_ids[slot:slot + 1] = [image_token_id] * num_image_tokens
+        labels[slot:slot + 1] = [ignore] * num_image_tokens
     return input_ids, labels

@@ -265,7 +265,7 @@ def test_a_damaged_run_json_ends_train_py_with_one_line(stopped, synthetic_data_
     ("--eval-limit", "-1", r"--eval-limit -1: expected >= 0 \(0: all records\)"),
     ("--eval-max-new-tokens", "0", "--eval-max-new-tokens 0: expected >= 1"),
     ("--tune-last-layers", "-5", r"--tune-last-layers -5: expected -1 \(all\) or >= 0 \(0: the connector alone\)"),
-    ("--samples-per-dataset", "0", "--samples-per-dataset 0: expected >= 1"),
+    ("--samples-per-dataset", "0", "--samples-per-dataset 0: expected >= 1, or all"),
     ("--min-open-tokens", "0", "--min-open-tokens 0: expected >= 1"),
     ("--reg-lam", "-1", "--reg-lam -1.0: expected >= 0"),
     ("--mi-pgd-steps", "-1", "--mi-pgd-steps -1: expected >= 0"),

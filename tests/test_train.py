@@ -195,10 +195,10 @@ def test_resume_equals_uninterrupted(method, stop_at, synthetic_data_dir, tmp_pa
 # ---------------------------------------------------------------------------------------------
 def test_nan_logits_stop_the_run_with_step_batch_and_checkpoint(synthetic_data_dir, tmp_path, monkeypatch):
     loaded_ids, calls = [], []
-    real_load_batch, real_model_forward = train.load_batch, train.model_forward
+    real_next_batch, real_model_forward = train.next_batch, train.model_forward
 
-    def load_batch(*args, **kwargs):
-        batch = real_load_batch(*args, **kwargs)
+    def next_batch(*args, **kwargs):
+        batch = real_next_batch(*args, **kwargs)
         loaded_ids.append(batch["ids"])
         return batch
 
@@ -212,7 +212,7 @@ def test_nan_logits_stop_the_run_with_step_batch_and_checkpoint(synthetic_data_d
 
         return poisoned
 
-    monkeypatch.setattr(train, "load_batch", load_batch)
+    monkeypatch.setattr(train, "next_batch", next_batch)
     monkeypatch.setattr(train, "model_forward", model_forward)
     out = tmp_path / "run"
     with pytest.raises(FloatingPointError) as error:

@@ -1,0 +1,138 @@
+"""Training samples on the fly: a record of records.py's store becomes a sample (tokens, labels, pixels) when the
+DataLoader asks for it, in its worker processes (train.py --num-workers), never all of them up front on every rank.
+
+- `LazySamples`: the dataset. __getitem__ opens the record's images and calls the model's `encode_record`
+  (models.MLLM for LLaVA-1.5 / VILA1.5: data.py's piece-wise vicuna_v1; hf_models.HFMLLM: the chat template), the
+  same functions the eager datasets (data.MultiTaskDataset, hf_models.HFDataset) run, so a lazy sample is bit-equal
+  to the eager one of the same record (tests/test_loader.py). A negative index -1 - i is train.py's padding item:
+  record i with no answer label.
+- A record that fails while loading (an image missing or truncated, one the processor refuses, a prompt longer
+  than max_length once the processor has expanded its images) stops the run naming it; with skip_bad_records its
+  place in the batch is taken by the next record that loads, with no answer label (it adds nothing to any loss),
+  and the item says why (`skipped`), which train.py counts per reason in metrics.jsonl and the log. The epoch
+  goes on: an index already scheduled is never silently dropped or retried elsewhere.
+- `vicuna_length_check`: for LLaVA-1.5 / VILA1.5 every record's length is known without its image, so it is
+  checked before step 1, in the structural pass (records.mix): a bound from the text's UTF-8 size (a token covers
+  at least one byte) settles almost every record without tokenising it; the rest are tokenised exactly.
+  Generic families expand an image into a number of tokens that depends on its size: their lengths are checked
+  while loading (above), the first record's before step 1.
+- `batch_loader`: a DataLoader over train.py's micro-batches of one epoch (a list of index lists), collated by
+  the model, `num_workers` worker processes (0: in the training process), two batches ahead per worker.
+
+Not here: parsing and the structural pass (records.py), tokenisation itself (data.py, hf_models.py).
+
+    TRITON_INTERPRET=1 python -m pytest -q tests/test_loader.py
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from data import IGNORE_INDEX, SYSTEM_PROMPT, DataError, assemble_turns, encode_turns, open_image
+
+log = logging.getLogger("nrca.loader")
+
+
+def record_where(record: dict) -> str:
+    """How a loaded record is named: its dataset, its index in that file and its id."""
+    return f"{record['source']}: record {record['index']} (id {record['id']!r})"
+
+
+class LazySamples(torch.utils.data.Dataset):
+    """records.CompactRecords -> training samples, each made when asked for (module docstring)."""
+
+    def __init__(self, store, image_folder, mllm, max_length: int, skip_bad_records: bool = False):
+        self.store, self.image_folder, self.mllm = store, Path(image_folder), mllm
+        self.max_length, self.skip_bad_records = max_length, skip_bad_records
+        if len(store) == 0:
+            raise DataError("no usable record in the training mix")
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    @property
+    def records(self):
+        """The records, as stored (records.CompactRecords: each a dict when indexed)."""
+        return self.store
+
+    def sample(self, index: int) -> dict:
+        """Record `index` as a sample; DataError / FileNotFoundError naming it when it cannot be made."""
+        record = self.store[index]
+        where = record_where(record)
+        images = [open_image(self.image_folder / path, where) for path in record["image"]]
+        turns = [tuple(turn) for turn in record["turns"]]
+        encoded = self.mllm.encode_record(images, turns, self.max_length, where)
+        answer = turns[0][1]
+        return {"id": record["id"], "task": record["task"], "source": record["source"], **encoded,
+                "answer": answer, "references": list(record.get("references") or [answer])}
+
+    def __getitem__(self, index: int) -> dict:
+        padding = index < 0  # train.py's padding item -1 - i: record i, no answer label
+        index = -1 - index if padding else index
+        try:
+            item = self.sample(index)
+        except (DataError, FileNotFoundError) as error:
+            if not self.skip_bad_records:
+                raise
+            item = {**self.substitute(index), "skipped": str(error)}
+            padding = True
+        if padding:
+            item = {**item, "labels": torch.full_like(item["labels"], IGNORE_INDEX)}
+        return item
+
+    def substitute(self, index: int) -> dict:
+        """The next record after `index` that loads (its shapes fill the batch; its labels are dropped)."""
+        for offset in range(1, len(self)):
+            try:
+                return self.sample((index + offset) % len(self))
+            except (DataError, FileNotFoundError):
+                continue
+        raise DataError(f"no record of the training mix loads (the last tried: {index})")
+
+
+def vicuna_length_check(mllm, max_length: int):
+    """A `check(images, turns, where)` for records.mix on LLaVA-1.5 / VILA1.5: DataError when the first prompt
+    leaves no room for an answer token (data.assemble_turns' rule), else whether the record will be truncated.
+    The bound: prefix tokens + image tokens + the text's UTF-8 bytes + two per piece (SentencePiece's leading "▁"
+    and the eos) never undercounts; only records above max_length by the bound are tokenised."""
+    tokenizer = mllm.tokenizer
+    bos = 0 if tokenizer.bos_token_id is None else 1
+    prefix = bos + len(tokenizer(f"{SYSTEM_PROMPT} USER: ", add_special_tokens=False).input_ids)
+    size = lambda text: len(text.encode("utf-8")) + 2
+
+    def check(images, turns, where) -> bool:
+        (question, answer), later = turns[0], turns[1:]
+        image_tokens = mllm.num_image_tokens * len(images)
+        bound = prefix + image_tokens + size(f"\n{question} ASSISTANT:") + size(answer)
+        bound += sum(size(f"USER: {q} ASSISTANT:") + size(a) for q, a in later)
+        if bound <= max_length:
+            return False
+        pieces = encode_turns(turns, tokenizer, where, image=bool(images))
+        input_ids, _ = assemble_turns(*pieces, image_tokens, mllm.image_token_id, max_length, where)
+        full = len(pieces[0]) + image_tokens + sum(len(p) + len(a) for p, a in pieces[1])
+        return len(input_ids) < full
+
+    return check
+
+
+def collate_loaded(mllm):
+    """The DataLoader's collate: the model's batch, plus why any item was skipped (`skipped`: list of str)."""
+
+    def collate(items: list[dict]) -> dict:
+        batch = mllm.collate(items)
+        batch["skipped"] = [item["skipped"] for item in items if "skipped" in item]
+        return batch
+
+    return collate
+
+
+def batch_loader(dataset: LazySamples, micro_batches: list[list[int]], mllm, num_workers: int = 0):
+    """Iterate one epoch's micro-batches (index lists, padding indices negative) as collated batches."""
+    # Its own generator: each iterator draws its workers' base seed from it, not from the global torch RNG that
+    # training draws from (--lora-dropout) and a checkpoint restores, so a resumed epoch draws as the straight run.
+    return torch.utils.data.DataLoader(dataset, batch_sampler=micro_batches, collate_fn=collate_loaded(mllm),
+                                       num_workers=num_workers, prefetch_factor=2 if num_workers else None,
+                                       persistent_workers=False, generator=torch.Generator().manual_seed(0))
