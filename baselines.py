@@ -45,7 +45,8 @@ L2-Reg / Grafting 4 (w0); Magnitude Mask 5 (w0 + bool mask); Random Mask 5 (once
 pre-step copy + mask). `state_dict` saves full tensors (gathered under FSDP2; a collective): w0 (4 B per
 element), the random mask (1 B) and the draw count; Magnitude Mask's mask is recomputed from w0.
 
-Not here: masking of gradients or optimizer state, LoRA, regularisers on frozen weights.
+Not here: masking of gradients or optimizer state, regularisers on frozen weights; with LoRA (`train.py --lora-rank`)
+all four are refused, as w0 of LoRA's tensors is no pre-trained weight (lora.REFUSED).
 Run: `python train.py --method l2|grafting|random-mask|magnitude-mask [--mask-redraw every-step]`;
 tests: `TRITON_INTERPRET=1 python -m pytest -q tests/test_baselines.py`.
 """

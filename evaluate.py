@@ -18,7 +18,9 @@ question's "A. text" lines). Ids are unique per file; predictions are matched to
 Run folder (what train.py writes and this file reads):
     RUN/config.json          train.py's TrainConfig; read: "data_dir" (test splits), "train" (then --test
                              is required), "method" (row name), "eval_max_new_tokens"
-    RUN/final/               the fine-tuned model (any kind), loadable by models.load_model
+    RUN/final/               the fine-tuned model (any kind), loadable by models.load_model; after
+                             --lora-rank the base + a peft adapter (merged on load); a folder holding only
+                             the adapter (adapter_config.json + adapter_model.safetensors) loads onto its base
     RUN/metrics.jsonl        one JSON object per line; lines {"epoch": k, "eval": {...eval.json...}} are
                              the per-epoch evaluations (Fig. 1); other lines (training steps) are ignored
     RUN/eval_epoch{k}/       eval.json + predictions of epoch k (fallback source for `plot`)
@@ -427,8 +429,10 @@ def resolve_checkpoint(path: str) -> tuple[str, dict]:
             raise FileNotFoundError(f"run folder {folder} has no final/ model (training unfinished? "
                                     f"checkpoint-* folders hold trainable tensors only, not a loadable model)")
         return str(folder), {}
+    if (folder / "adapter_config.json").is_file():  # a peft adapter alone (train.py --lora-rank): onto its base
+        return str(folder), {}
     raise FileNotFoundError(f"{folder} is neither a run folder (config.json + final/) nor a model folder "
-                            "(a checkpoint's config.json)")
+                            "(a checkpoint's config.json) nor a LoRA adapter (adapter_config.json)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -131,6 +131,8 @@ def collate_loaded(mllm):
 
 def batch_loader(dataset: LazySamples, micro_batches: list[list[int]], mllm, num_workers: int = 0):
     """Iterate one epoch's micro-batches (index lists, padding indices negative) as collated batches."""
+    # Its own generator: each iterator draws its workers' base seed from it, not from the global torch RNG that
+    # training draws from (--lora-dropout) and a checkpoint restores, so a resumed epoch draws as the straight run.
     return torch.utils.data.DataLoader(dataset, batch_sampler=micro_batches, collate_fn=collate_loaded(mllm),
                                        num_workers=num_workers, prefetch_factor=2 if num_workers else None,
-                                       persistent_workers=False)
+                                       persistent_workers=False, generator=torch.Generator().manual_seed(0))

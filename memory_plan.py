@@ -23,9 +23,14 @@ The model's structure comes from building it on the meta device (shapes, no stor
 needs only its config.json (a transformers LLaVA folder, or VILA1.5's config.json with llm/ and vision_tower/
 config.json files or the top-level llm_cfg / vision_tower_cfg). No weight file is opened.
 
+With --lora-rank R (lora.py) the last N layers are frozen weights in the load dtype and the trainable tensors
+are the connector and R (in + out) per linear layer of those layers; `--plan` prints the plan of partial
+fine-tuning beside it.
+
 Not counted: the CUDA context and allocator fragmentation (about 0.5-1 GB on a real GPU; `fits` keeps
 `RESERVE_GIB` free for them), optimizer/method state of counterparts other than Full FT and NRCA, and
-memory of the data loader. bench/bench_step.py prints this estimate beside each measured peak.
+memory of the data loader; --lora-targets (every linear layer of the adapted layers is counted) and
+--lora-dropout's kept masks. bench/bench_step.py prints this estimate beside each measured peak.
 
 Run:
     python train.py --plan --gpu-memory 24 --plan-ranks 8 --preset llava --model /ckpt/llava-1.5-7b-hf --fsdp
@@ -61,6 +66,8 @@ class RunShape:
     activation_checkpointing: bool = False
     bf16: bool = True  # bf16 weights + autocast (GPU); False: fp32 everywhere (CPU)
     tune_last_layers: int = 2
+    lora_rank: int = 0  # > 0: those layers frozen, LoRA of this rank on their linear layers (lora.py)
+    lora_connector: bool = False  # LoRA on the connector's linear layers instead of training it in full
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,21 +127,33 @@ def _sub_config(folder: str, config: dict, sub: str, key: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Bytes.
 # ---------------------------------------------------------------------------------------------
-def parameter_counts(mllm: models.MLLM, tune_last_layers: int) -> dict:
+def parameter_counts(mllm: models.MLLM, tune_last_layers: int, lora_rank: int = 0,
+                     lora_connector: bool = False) -> dict:
     """Parameter counts: trainable (connector + last N layers), frozen ones that FSDP shards (decoder layers,
-    vision-tower layers), frozen ones every rank keeps whole (embeddings, lm_head, norms), the largest unit."""
+    vision-tower layers), frozen ones every rank keeps whole (embeddings, lm_head, norms), the largest unit.
+    With `lora_rank` R the last N layers are frozen (sharded) and trainable are the connector and R (in + out)
+    per linear layer of those layers (`lora_layer`: one layer's), or of the connector with `lora_connector`."""
     layers = mllm.decoder_layers
     n_trainable_layers = len(layers) if tune_last_layers < 0 else tune_last_layers
     count = lambda module: sum(p.numel() for p in module.parameters())
+    adapter = lambda module: sum(lora_rank * (m.in_features + m.out_features) for m in module.modules()
+                                 if isinstance(m, torch.nn.Linear))
     trainable_layers = list(layers)[len(layers) - n_trainable_layers:]
     frozen_layers = list(layers)[:len(layers) - n_trainable_layers]
-    trainable = count(mllm.connector) + sum(count(layer) for layer in trainable_layers)
     vision_layers = _vision_layers(mllm)
     sharded = sum(count(layer) for layer in frozen_layers) + sum(count(layer) for layer in vision_layers)
-    total = count(mllm.model)
+    if lora_rank:
+        lora = sum(adapter(layer) for layer in trainable_layers) + (adapter(mllm.connector) if lora_connector else 0)
+        trainable = lora + (0 if lora_connector else count(mllm.connector))
+        sharded += sum(count(layer) for layer in trainable_layers)
+    else:
+        lora = 0
+        trainable = count(mllm.connector) + sum(count(layer) for layer in trainable_layers)
+    total = count(mllm.model) + lora
     units = [count(layer) for layer in layers] + [count(layer) for layer in vision_layers]
     return {"trainable": trainable, "frozen_sharded": sharded, "frozen_whole": total - trainable - sharded,
             "total": total, "largest_unit": max(units), "trainable_layer": count(layers[-1]),
+            "lora_layer": adapter(layers[-1]) if lora_rank else 0,
             "n_layers": len(layers), "n_trainable_layers": n_trainable_layers}
 
 
@@ -143,7 +162,8 @@ def _vision_layers(mllm: models.MLLM):
     return getattr(tower, "vision_model", tower).encoder.layers  # older transformers nest a vision_model
 
 
-def decoder_layer_bytes(config, tokens: int, bf16: bool, trainable: bool) -> int:
+def decoder_layer_bytes(config, tokens: int, bf16: bool, trainable: bool, lora_rank: int = 0,
+                        lora_weights: int = 0) -> int:
     """Bytes autograd keeps for one Llama decoder layer over `tokens` tokens (transformers' LlamaDecoderLayer,
     SDPA attention). a = 2 (bf16 autocast) or 4 (fp32) bytes per activation element.
 
@@ -153,6 +173,11 @@ def decoder_layer_bytes(config, tokens: int, bf16: bool, trainable: bool) -> int
       the MLP keeps gate, silu(gate) and up (3 I a).
     trainable layer, in addition: each RMSNorm's normalised output and the Linear's input (2 x 2H a), the
       down projection's input (I a) and, under autocast, bf16 copies of its fp32 weights (2 bytes a weight).
+    LoRA layer (`lora_rank` R > 0, `trainable`): the Linears' inputs (2 x H a after the two norms, I a for
+      down; A's gradient needs them; dropout 0) but not the norms' outputs (their weights are frozen), each of
+      the 7 projections' A x (R a; B's gradient needs it) and bf16 copies of the `lora_weights` adapter weights
+      only (the frozen weights are bf16 already). With --lora-dropout > 0 each projection keeps its own dropped
+      input as well (not counted).
     """
     H, I = config.hidden_size, config.intermediate_size
     heads = config.num_attention_heads
@@ -160,10 +185,12 @@ def decoder_layer_bytes(config, tokens: int, bf16: bool, trainable: bool) -> int
     a = 2 if bf16 else 4
     per_token = 8 * H + 8 + (2 * H + 2 * kv) * a + 4 * heads + 3 * I * a
     if trainable:
-        per_token += 4 * H * a + I * a
+        per_token += (2 if lora_rank else 4) * H * a + I * a
     weights = 0
     if trainable and bf16:
-        weights = 2 * (2 * H * H + 2 * H * kv + 3 * H * I)
+        weights = 2 * (lora_weights if lora_rank else 2 * H * H + 2 * H * kv + 3 * H * I)
+    if trainable and lora_rank:
+        per_token += 7 * lora_rank * a
     return tokens * per_token + weights
 
 
@@ -172,7 +199,7 @@ def estimate(mllm: models.MLLM, run: RunShape) -> dict:
     if run.method not in ("full", "nrca"):
         raise ValueError(f"memory plan: --method {run.method!r}: the planner covers full and nrca")
     text = mllm.language_model.config
-    counts = parameter_counts(mllm, run.tune_last_layers)
+    counts = parameter_counts(mllm, run.tune_last_layers, run.lora_rank, run.lora_connector)
     ranks = run.ranks
     shard = ranks if (run.fsdp and ranks > 1) else 1
     weight_bytes = 2 if run.bf16 else 4
@@ -193,7 +220,8 @@ def estimate(mllm: models.MLLM, run: RunShape) -> dict:
     tokens = sequences * (mllm.num_image_tokens + run.text_tokens)
     n_frozen = counts["n_layers"] - counts["n_trainable_layers"]
     frozen_layer = decoder_layer_bytes(text, tokens, run.bf16, trainable=False)
-    trainable_layer = decoder_layer_bytes(text, tokens, run.bf16, trainable=True)
+    trainable_layer = decoder_layer_bytes(text, tokens, run.bf16, trainable=True, lora_rank=run.lora_rank,
+                                          lora_weights=counts["lora_layer"])
     connector = _connector_bytes(mllm, sequences, a)
     final_norm = tokens * (4 * text.hidden_size + 4)
     # A padded batch gets a (S, 1, T, T) attention mask, which SDPA keeps per layer in the activation dtype
@@ -306,15 +334,22 @@ def print_plan(cfg, gpu_memory_gib: float, ranks: int) -> dict:
     run = RunShape(method=cfg.method, nrca_impl=cfg.nrca_impl, micro_batch=cfg.micro_batch_size,
                    text_tokens=cfg.plan_text_tokens, answer_tokens=min(cfg.plan_answer_tokens, cfg.plan_text_tokens),
                    ranks=ranks, fsdp=cfg.fsdp, activation_checkpointing=cfg.activation_checkpointing, bf16=bf16,
-                   tune_last_layers=cfg.tune_last_layers)
-    counts = parameter_counts(mllm, cfg.tune_last_layers)
-    title = (f"{cfg.method} ({cfg.nrca_impl if cfg.method == 'nrca' else 'plain CE'}) on {cfg.model}: "
+                   tune_last_layers=cfg.tune_last_layers, lora_rank=cfg.lora_rank, lora_connector=cfg.lora_connector)
+    counts = parameter_counts(mllm, cfg.tune_last_layers, cfg.lora_rank, cfg.lora_connector)
+    adapted = (f", LoRA rank {cfg.lora_rank} on the last {cfg.tune_last_layers} layers"
+               + (" and the connector" if cfg.lora_connector else "")) if cfg.lora_rank else ""
+    title = (f"{cfg.method} ({cfg.nrca_impl if cfg.method == 'nrca' else 'plain CE'}{adapted}) on {cfg.model}: "
              f"{counts['total'] / 1e9:.2f}B parameters, {counts['trainable'] / 1e6:.1f}M trainable; {ranks} rank(s) x "
              f"{gpu_memory_gib:g} GB, {'FSDP2' if cfg.fsdp and ranks > 1 else 'DDP' if ranks > 1 else 'one GPU'}, "
              f"micro-batch {cfg.micro_batch_size} of {mllm.num_image_tokens} + {run.text_tokens} tokens, "
              f"{'bf16' if bf16 else 'fp32'}; run with checkpointing: {cfg.activation_checkpointing}\n")
     print(format_plan(mllm, run, gpu_memory_gib, cfg.batch_size, title))
     parts = estimate(mllm, run)
+    if cfg.lora_rank:  # beside it: the same run with those layers (and the connector) trained in full, Sec. 3.1
+        partial = estimate(mllm, _replace(run, lora_rank=0, lora_connector=False))
+        print(f"\nthe same run, partial fine-tuning (no --lora-rank): peak {peak_bytes(partial, False) / GIB:.2f} GiB "
+              f"without checkpointing, {peak_bytes(partial, True) / GIB:.2f} GiB with; LoRA: "
+              f"{peak_bytes(parts, False) / GIB:.2f} / {peak_bytes(parts, True) / GIB:.2f} GiB")
     return {"parts": parts, "peak": peak_bytes(parts, cfg.activation_checkpointing)}
 
 

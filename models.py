@@ -468,6 +468,8 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
                attn_implementation: str | None = None, downsample_order: str | None = None):
     """"tiny-llava" | "tiny-vila" | "small-llava" | a transformers LLaVA folder | a VILA1.5 folder -> MLLM;
     any other transformers image-text-to-text folder -> hf_models.HFMLLM (the chat-template adapter). Eval mode.
+    A folder that holds a peft LoRA adapter (train.py --lora-rank: adapter_config.json beside the model, or alone,
+    then loaded onto its base_model_name_or_path) is returned with the adapter merged (lora.merge_saved_adapter).
 
     downsample_order (VILA only): None reads it from mm_projector/config.json (PROJECTOR_TYPE_ORDER:
     "mlp_downsample" -> "vila1.5", "mlp_downsample_2x2_fix" -> "nvila"); "vila1.5" | "nvila" overrides it,
@@ -479,6 +481,18 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
         kind = "vila" if name_or_path == "tiny-vila" else "llava"
         mllm = _build_tiny(kind, attn_implementation, SMALL_TEXT if name_or_path == "small-llava" else TINY_TEXT,
                            downsample_order or "vila1.5")
+    elif os.path.isfile(os.path.join(name_or_path, "adapter_config.json")):  # train.py --lora-rank's final/
+        import lora
+
+        if os.path.exists(os.path.join(name_or_path, "config.json")):  # the base (trained connector) + its adapter
+            mllm = _load_folder(name_or_path, dtype, attn_implementation, downsample_order)
+        else:  # the adapter alone: onto the model it names (it carries the trained connector itself)
+            base = lora.read_adapter_config(name_or_path).get("base_model_name_or_path")
+            if not base:
+                raise ValueError(f"load_model: {name_or_path} holds a peft adapter without a model and its "
+                                 "adapter_config.json names no base_model_name_or_path")
+            mllm = load_model(base, dtype, "cpu", attn_implementation, downsample_order)
+        lora.merge_saved_adapter(mllm, name_or_path)
     else:
         mllm = _load_folder(name_or_path, dtype, attn_implementation, downsample_order)
     mllm.model.to(device=device, dtype=dtype).eval()

@@ -44,12 +44,13 @@ from pathlib import Path
 # Settings that may differ between a run's start and its --resume: they do not change what the optimizer
 # steps compute (evaluation, checkpoint frequency, where files are, how the work is spread over devices).
 # micro_batch_size / fsdp change the summation order of a step only (activation checkpointing not even that);
-# the steps per epoch are checked.
+# the steps per epoch are checked. merge_lora changes only how the final model is written.
 CHANGEABLE_ON_RESUME = ("preset", "out_dir", "resume", "overwrite", "stop_at_step", "save_every", "test",
                         "num_workers", "check_images",
                         "eval_every_epoch", "eval_max_new_tokens", "eval_limit", "eval_noisy_final", "diagnose_every",
                         "image_folder", "micro_batch_size", "fsdp", "compile", "activation_checkpointing", "plan",
-                        "gpu_memory", "plan_ranks", "plan_text_tokens", "plan_answer_tokens", "report_to")
+                        "gpu_memory", "plan_ranks", "plan_text_tokens", "plan_answer_tokens", "report_to",
+                        "merge_lora")
 # Compared through the fingerprint (contents), not as paths.
 FINGERPRINTED = ("model", "train", "data_dir", "base_epochs")
 # What a run leaves in its folder; --overwrite removes exactly these.

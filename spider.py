@@ -50,7 +50,8 @@ r) are over the FULL tensor: local partial sums (fp64) of all tensors are stacke
 shard groups, three small all-reduces per step (sum |G|; sum (|G| - mean)^2; sum r and count r > 0), and
 once at construction for I_pre. `state_dict` gathers full tensors (a collective under FSDP2).
 
-Not here: LoRA, masking of gradients or optimizer state (the optimizer runs untouched, as released).
+Not here: masking of gradients or optimizer state (the optimizer runs untouched, as released); LoRA
+(`--lora-rank` refuses it: lora.REFUSED).
 Run: `python train.py --method spider`; tests: `TRITON_INTERPRET=1 python -m pytest -q tests/test_spider.py`.
 """
 

@@ -19,11 +19,12 @@ Run:
         --out-dir runs/qwen-l2
     python train.py --resume --out-dir runs/llava_nrca   # continue from the latest checkpoint
     python train.py --compare full --report-to tensorboard && tensorboard --logdir runs/embedded  # curves
+    python train.py --lora-rank 8 --out-dir runs/lora   # LoRA on the last N layers (lora.py), connector in full
 
 Data (README, "Your own data"): records.py's structural pass checks every record before step 1; samples are made
 on the fly (loader.py), in --num-workers DataLoader workers.
 
-Not here: LoRA, sequence packing.
+Not here: QLoRA, sequence packing.
 """
 
 from __future__ import annotations
@@ -141,6 +142,15 @@ class TrainConfig:
     warmup_ratio: float = _f(0.03, "linear warm-up share of all steps, then cosine decay")
     max_grad_norm: float = _f(1.0, "gradient clipping (0: off)")
     tune_last_layers: int = _f(2, "trainable decoder layers, counted from the top (-1: all; 0: the connector alone)")
+    lora_rank: int = _f(0, "LoRA rank R on the linear layers of the --tune-last-layers decoder layers instead of "
+                           "training them in full (lora.py, through peft; 0: off, partial fine-tuning as Sec. 3.1)")
+    lora_alpha: float = _f(None, "LoRA alpha: the update is (alpha / R) B A (default: 2 x --lora-rank)")
+    lora_dropout: float = _f(0.0, "dropout on the input of each LoRA update")
+    lora_targets: str = _f("", "comma-separated names of the linear layers in those decoder layers that get LoRA, "
+                               "e.g. q_proj,v_proj (default: every linear layer there, attention and MLP projections)")
+    lora_connector: bool = _f(False, "LoRA on the connector's linear layers too, instead of training it in full")
+    merge_lora: bool = _f(False, "write the final model with the LoRA update merged into its weights, in the "
+                                 "starting model's format, instead of the base + a peft adapter")
     seed: int = _f(0, "seed of data order, noise and masks")
     # hardware
     precision: str = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32")
@@ -297,6 +307,16 @@ def validate_config(cfg: TrainConfig) -> None:
         (cfg.save_every >= 0 and cfg.stop_at_step >= 0, "--save-every / --stop-at-step must be >= 0"),
         (cfg.tune_last_layers >= -1,
          f"--tune-last-layers {cfg.tune_last_layers}: expected -1 (all) or >= 0 (0: the connector alone)"),
+        (cfg.lora_rank >= 0, f"--lora-rank {cfg.lora_rank}: expected >= 0 (0: off)"),
+        (cfg.lora_alpha is None or cfg.lora_alpha > 0, f"--lora-alpha {cfg.lora_alpha}: expected > 0"),
+        (0 <= cfg.lora_dropout < 1, f"--lora-dropout {cfg.lora_dropout}: expected in [0, 1)"),
+        (cfg.lora_rank or not (cfg.lora_targets or cfg.lora_connector or cfg.merge_lora or cfg.lora_alpha is not None
+                               or cfg.lora_dropout), "--lora-alpha/-dropout/-targets/-connector, --merge-lora: "
+                                                     "they need --lora-rank R > 0"),
+        (not cfg.lora_rank or cfg.tune_last_layers != 0 or cfg.lora_connector,
+         "--lora-rank with --tune-last-layers 0 adapts nothing (pass --lora-connector, or train layers)"),
+        (not cfg.lora_rank or importlib.util.find_spec("peft") is not None,
+         "--lora-rank: the peft package is not installed (pip install peft, in requirements.txt)"),
         (cfg.samples_per_dataset >= 1 or cfg.samples_per_dataset == -1,
          f"--samples-per-dataset {cfg.samples_per_dataset}: expected >= 1, or all"),
         (cfg.num_workers >= 0, f"--num-workers {cfg.num_workers}: expected >= 0"),
@@ -318,6 +338,11 @@ def validate_config(cfg: TrainConfig) -> None:
     ]
     for name in compared_methods(cfg):
         checks.append((name in METHODS, f"--compare {name!r}: expected methods from {sorted(METHODS)}"))
+    if cfg.lora_rank:
+        import lora
+
+        for name in dict.fromkeys([cfg.method] + compared_methods(cfg)):
+            checks.append((not lora.check_method(name), f"--method {name} with --lora-rank: {lora.check_method(name)}"))
     # Per-epoch evaluation runs unless FSDP2 shards the model over several ranks (see _train).
     evaluates = cfg.eval_every_epoch and not (cfg.fsdp and int(os.environ.get("WORLD_SIZE", 1)) > 1)
     checks.append((not (cfg.train and evaluates and not cfg.test),
@@ -768,7 +793,9 @@ def pretrain_base_model(cfg: TrainConfig, rank: int, world: int, device) -> Path
                                    data_dir=str(root / "pretrain"), image_folder=str(root), out_dir=str(base_dir),
                                    samples_per_dataset=1_000_000, eval_every_epoch=False, eval_noisy_final=False,
                                    compare="", resume=False, stop_at_step=0, train=None, diagnose_every=0,
-                                   overwrite=True)  # a cache: an interrupted pre-training starts again
+                                   overwrite=True,  # a cache: an interrupted pre-training starts again
+                                   lora_rank=0, lora_alpha=None, lora_dropout=0.0, lora_targets="",
+                                   lora_connector=False, merge_lora=False)  # every part trains in full
         if rank == 0:
             print(f"stage 2: pre-training the base {cfg.model} in {base_dir} ({cfg.base_epochs} epochs, every part "
                   "trains, noise-augmented)")
@@ -831,8 +858,15 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
         mllm.connector_names = tuple(name.strip() for name in cfg.connector.split(",") if name.strip())
     hf_models.set_resolution(mllm, cfg.max_pixels, cfg.min_pixels)
     layers = cfg.tune_last_layers if cfg.tune_last_layers >= 0 else len(mllm.decoder_layers)
-    groups = models.freeze_for_finetuning(mllm, tune_last_layers=layers, tune_connector=True,
+    # --lora-rank: the decoder layers stay frozen and get adapters (lora.py); the connector trains in full unless
+    # --lora-connector adapts it too.
+    groups = models.freeze_for_finetuning(mllm, tune_last_layers=0 if cfg.lora_rank else layers,
+                                          tune_connector=not (cfg.lora_rank and cfg.lora_connector),
                                           tune_vision_tower=cfg.tune_vision_tower)
+    if cfg.lora_rank:
+        import lora
+
+        groups = lora.add_adapters(mllm, cfg, layers, groups)
     for group in groups:  # fp32 master weights for what trains; frozen weights stay in bf16 on GPU
         for p in group["params"]:
             p.data = p.data.float()
@@ -963,7 +997,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     if not fsdp_units:  # the saved model gets the dtype it was loaded in (trainable tensors trained in fp32)
         for _, p in named_params:
             p.data = p.data.to(load_dtype)
-    save_final_model(mllm, fsdp_units, out_dir / "final", rank, source=cfg.model, dtype=load_dtype)
+    save_final_model(mllm, fsdp_units, out_dir / "final", rank, source=cfg.model, dtype=load_dtype,
+                     lora_settings=cfg if cfg.lora_rank else None)
     if cfg.eval_noisy_final and evaluate_each_epoch:
         evaluate_epoch(cfg, mllm, cfg.epochs, rank, world, out_dir, noisy=True)
     if rank == 0 and epoch_results:  # every epoch's evaluation, those before a --resume too
@@ -974,21 +1009,33 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     return summary
 
 
-def save_final_model(mllm, fsdp_units, folder: Path, rank: int, source: str = "", dtype=torch.float32):
+def save_final_model(mllm, fsdp_units, folder: Path, rank: int, source: str = "", dtype=torch.float32,
+                     lora_settings=None):
     """The whole model in the input's format (a LLaVA folder or VILA's three folders).
 
     FSDP2's state-dict hooks always hand out the shards (even after `unshard()`), so with --fsdp every
     rank all-gathers the trainable tensors and rank 0 writes them into a fresh CPU copy of `source`
-    (the model the run started from, loaded in `dtype`), which it saves."""
-    if not fsdp_units:
+    (the model the run started from, loaded in `dtype`), which it saves. With LoRA (`lora_settings`, the run's
+    config) always so: the copy gets the adapter and the trained connector, and is saved as base + adapter or
+    merged (lora.save_final)."""
+    if not fsdp_units and lora_settings is None:
         if rank == 0:
             save_model_whole(mllm, folder)
         return
     trained = {name: full_tensor(p.detach()).cpu() for name, p in mllm.model.named_parameters()
-               if p.requires_grad and hasattr(p, "full_tensor")}  # collectives: every rank, same order
+               if p.requires_grad}  # collectives (FSDP2's DTensors): every rank, same order
     if rank == 0:
         copy = models.load_model(source, dtype=dtype, downsample_order=mllm.model.mm_projector.order
                                  if mllm.kind == "vila" else None)  # any kind: the same adapter as the run's
+        if getattr(mllm, "connector_names", None):  # --connector: the run's connector
+            copy.connector_names = mllm.connector_names
+        if lora_settings is not None:
+            import lora
+
+            layers = lora_settings.tune_last_layers
+            lora.save_final(copy, trained, lora_settings, folder, save_model_whole,
+                            layers if layers >= 0 else len(copy.decoder_layers), source=source)
+            return
         params = dict(copy.model.named_parameters())
         with torch.no_grad():
             for name, value in trained.items():
@@ -996,12 +1043,15 @@ def save_final_model(mllm, fsdp_units, folder: Path, rank: int, source: str = ""
         save_model_whole(copy, folder)
 
 
-def save_model_whole(mllm, folder: Path) -> None:
-    """Write into a temporary folder and rename it: a kill or a full disk never leaves a partial model."""
+def save_model_whole(mllm, folder: Path, extra_files=()) -> None:
+    """Write into a temporary folder and rename it: a kill or a full disk never leaves a partial model.
+    `extra_files` are copied in beside the model (a LoRA adapter)."""
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         mllm.save(str(tmp))
+        for path in extra_files:
+            shutil.copyfile(path, tmp / Path(path).name)
     except (OSError, RuntimeError, SafetensorError) as error:
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_error(tmp, folder.parent, error) from error

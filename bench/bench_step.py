@@ -1,6 +1,7 @@
 """Training-step benchmark: Full FT vs NRCA (ours: one 2B forward + fused kernel) vs NRCA (released way:
-two forwards, full fp32 logits, softmax + F.cross_entropy), each without and with activation checkpointing,
-and memory_plan.py's estimate beside every measured peak.
+two forwards, full fp32 logits, softmax + F.cross_entropy), and Full FT / NRCA with LoRA of rank --lora-rank on
+the trained layers (lora.py; the connector in full) beside partial fine-tuning, each without and with
+activation checkpointing, and memory_plan.py's estimate beside every measured peak.
 
 Each configuration runs in its own subprocess: step time (median over --steps optimizer steps of --batch
 samples as micro-batches of --micro-batch), tokens/s (non-padding tokens of the batch / step time; NRCA's
@@ -43,10 +44,12 @@ import models  # noqa: E402
 import train  # noqa: E402
 from methods import get_method, model_forward  # noqa: E402
 
-CONFIGS = {  # name -> (method, nrca_impl)
-    "full": ("full", "fused"),
-    "nrca": ("nrca", "fused"),
-    "nrca-released": ("nrca", "released"),
+CONFIGS = {  # name -> (method, nrca_impl, LoRA on the trained layers instead of training them in full)
+    "full": ("full", "fused", False),
+    "nrca": ("nrca", "fused", False),
+    "nrca-released": ("nrca", "released", False),
+    "full-lora": ("full", "fused", True),
+    "nrca-lora": ("nrca", "fused", True),
 }
 
 
@@ -111,7 +114,7 @@ class Step(torch.nn.Module):
 
 
 def setup(args, device):
-    method_name, impl = CONFIGS[args.one]
+    method_name, impl, adapted = CONFIGS[args.one]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.model in ("llava-7b", "llava-narrow"):
         mllm = build_llava(llava_config(narrow=args.model == "llava-narrow"), device, dtype)
@@ -120,7 +123,13 @@ def setup(args, device):
         mllm = models.load_model(args.model, device=device)
         image_size = mllm.preprocess([__import__("PIL").Image.new("RGB", (8, 8))]).shape[-1]
         vocab = len(mllm.tokenizer)
-    groups = models.freeze_for_finetuning(mllm, tune_last_layers=args.tune_last_layers)
+    groups = models.freeze_for_finetuning(mllm, tune_last_layers=0 if adapted else args.tune_last_layers)
+    if adapted:
+        import lora
+
+        settings = SimpleNamespace(lora_rank=args.lora_rank, lora_alpha=None, lora_dropout=0.0, lora_targets="",
+                                   lora_connector=False)
+        groups = lora.add_adapters(mllm, settings, args.tune_last_layers, groups)
     for group in groups:
         for p in group["params"]:
             p.data = p.data.float()
@@ -193,13 +202,14 @@ def run_one(args) -> dict:
 
 def planned_peak(args, mllm, device) -> float:
     """The planner on this model's structure and this run's shapes (it reads only shapes and configs)."""
-    method_name, impl = CONFIGS[args.one]
+    method_name, impl, adapted = CONFIGS[args.one]
     text_tokens = 1 + args.prompt_tokens + args.answer_tokens + 1
     # Logit rows per sample: captions (answer + </s>) and letters (letter + </s>) alternate.
     run = memory_plan.RunShape(method=method_name, nrca_impl=impl, micro_batch=args.micro_batch,
                                text_tokens=text_tokens, answer_tokens=(args.answer_tokens + 1 + 2) / 2,
                                bf16=device.type == "cuda", tune_last_layers=args.tune_last_layers,
-                               activation_checkpointing=args.checkpointing)
+                               activation_checkpointing=args.checkpointing,
+                               lora_rank=args.lora_rank if adapted else 0)
     return memory_plan.peak_bytes(memory_plan.estimate(mllm, run), args.checkpointing)
 
 
@@ -210,7 +220,8 @@ def child_command(args, config, checkpointing, micro_batch=None, steps=None, war
             "--steps", str(args.steps if steps is None else steps),
             "--warmup", str(args.warmup if warmup is None else warmup),
             "--prompt-tokens", str(args.prompt_tokens), "--answer-tokens", str(args.answer_tokens),
-            "--tune-last-layers", str(args.tune_last_layers)] + (["--checkpointing"] if checkpointing else [])
+            "--tune-last-layers", str(args.tune_last_layers), "--lora-rank", str(args.lora_rank)] + \
+        (["--checkpointing"] if checkpointing else [])
 
 
 def fits(args, config, checkpointing, micro_batch) -> bool:
@@ -235,7 +246,10 @@ def print_tables(args, results: dict) -> None:
             ("NRCA (released) / Full FT, step time", "nrca-released", "full", "step_s"),
             ("NRCA (ours) / Full FT, peak memory", "nrca", "full", "peak_bytes"),
             ("NRCA (ours) / NRCA (released), peak memory", "nrca", "nrca-released", "peak_bytes"),
-            ("NRCA (ours) / NRCA (released), step time", "nrca", "nrca-released", "step_s")]
+            ("NRCA (ours) / NRCA (released), step time", "nrca", "nrca-released", "step_s"),
+            ("Full FT + LoRA / Full FT, peak memory", "full-lora", "full", "peak_bytes"),
+            ("NRCA + LoRA / NRCA (ours), peak memory", "nrca-lora", "nrca", "peak_bytes"),
+            ("NRCA + LoRA / NRCA (ours), step time", "nrca-lora", "nrca", "step_s")]
     for label, a, b, key in rows:
         cells = [f"{results[(a, c)][key] / results[(b, c)][key]:.2f}x" if (a, c) in results and (b, c) in results
                  else "-" for c in (False, True)]
@@ -260,6 +274,7 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=54, help="system + question tokens")
     parser.add_argument("--answer-tokens", type=int, default=24, help="caption answer length")
     parser.add_argument("--tune-last-layers", type=int, default=2)
+    parser.add_argument("--lora-rank", type=int, default=8, help="rank of the *-lora configurations")
     parser.add_argument("--only", choices=sorted(CONFIGS), action="append", help="run only these configurations")
     parser.add_argument("--no-checkpointing-runs", action="store_true", help="skip the checkpointed configurations")
     parser.add_argument("--max-batch", action="store_true", help="GPU: also search the largest micro-batch that fits")

@@ -1,5 +1,5 @@
-"""Tests for bench/bench_step.py: one configuration runs end to end on CPU and reports a measured peak and the
-planner's estimate of the same quantity (live tensor bytes), and the tables print every ratio.
+"""Tests for bench/bench_step.py: one configuration (partial fine-tuning, LoRA) runs end to end on CPU and reports a
+measured peak and the planner's estimate of the same quantity (live tensor bytes), and the tables print every ratio.
 
     python -m pytest -q tests/test_bench_step.py
 """
@@ -11,17 +11,20 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_step.py"
 
 
-def test_one_configuration_reports_measured_and_planned_peaks():
-    command = [sys.executable, str(BENCH), "--one", "nrca", "--model", "tiny-llava", "--batch", "2",
+@pytest.mark.parametrize("config", ["nrca", "nrca-lora"])
+def test_one_configuration_reports_measured_and_planned_peaks(config):
+    command = [sys.executable, str(BENCH), "--one", config, "--model", "tiny-llava", "--batch", "2",
                "--micro-batch", "2", "--steps", "1", "--warmup", "0", "--checkpointing"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["config"] == "nrca" and result["checkpointing"] is True and result["device"] == "cpu"
+    assert result["config"] == config and result["checkpointing"] is True and result["device"] == "cpu"
     assert result["peak_bytes"] > sum(result["breakdown"].get(k, 0) for k in ("param", "opt"))  # + activations
     # Same unit and same quantity (not a target: a mix-up of GiB and bytes or of what is counted would be 1000x).
     assert 0.5 < result["planned_bytes"] / result["peak_bytes"] < 2

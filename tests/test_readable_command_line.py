@@ -42,7 +42,8 @@ def test_help_defaults_are_the_parsed_defaults():
         match = re.search(r"\(default: ([^;)]*)[;)]", text)
         name = flag[2:].replace("-", "_")
         if match and hasattr(parsed, name) and name not in ("base_epochs", "compare", "data_dir", "image_folder",
-                                                            "reg_lam", "mi_pgd_steps"):  # defaults in words
+                                                            "reg_lam", "mi_pgd_steps", "lora_alpha",
+                                                            "lora_targets"):  # defaults in words
             value = getattr(parsed, name)
             shown = {True: "on", False: "off"}.get(value) if isinstance(value, bool) else \
                 f"{value:g}" if isinstance(value, float) else str(value)
