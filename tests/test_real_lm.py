@@ -128,3 +128,29 @@ def test_nrca_trains_saves_reloads_and_evaluates(smollm2, smollm2_folder, synthe
     scores = evaluate.main([str(out), "--limit", "1", "--max-new-tokens", "4"])
     assert scores["n_caption"] == scores["n_choice"] == 1 and scores["cider"] >= 0
     assert json.loads((out / "eval.json").read_text())["accuracy"] == scores["accuracy"]
+
+
+def test_lora_nrca_with_tensorboard_on_the_real_lm(smollm2, smollm2_folder, synthetic_data_dir, tmp_path):
+    """`python train.py --model FOLDER --lora-rank 8 --method nrca --report-to tensorboard`: only the adapter and the
+    connector train (SmolLM2's own weights stay bit for bit), the steps' scalars are TensorBoard events, final/ holds
+    the peft adapter, and the folder reloads as the trained model."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "lora"
+    train.main(train.parse_config([
+        "--model", str(smollm2_folder), "--data-dir", str(synthetic_data_dir), "--out-dir", str(out),
+        "--method", "nrca", "--lora-rank", "8", "--report-to", "tensorboard", "--epochs", "1", "--batch-size", "2",
+        "--micro-batch-size", "2", "--samples-per-dataset", "2", "--tune-last-layers", "1",
+        "--no-eval-every-epoch"]))
+    trained = load_file(str(out / (out / "latest").read_text().strip() / "trainable.safetensors"))
+    connector = {n for n, _ in smollm2.connector_parameters()}
+    adapter = trained.keys() - connector
+    assert adapter and all(".text_model.layers.29." in n and ".lora_" in n for n in adapter)
+    assert all((out / "final" / name).is_file() for name in ("adapter_config.json", "adapter_model.safetensors"))
+    board = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    board.Reload()
+    assert [event.step for event in board.Scalars("train/loss")] == [1, 2]
+    reloaded = dict(models.load_model(str(out / "final")).model.named_parameters())
+    base = dict(smollm2.model.named_parameters())
+    changed = [n for n in base if not torch.equal(reloaded[n].detach(), base[n].detach())]
+    assert changed and all(".text_model.layers.29." in n or n in connector for n in changed)  # merged on load
