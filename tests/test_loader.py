@@ -191,8 +191,32 @@ def test_llava_mix_trains_with_nrca_workers_equal_no_workers(synthetic_data_dir,
 
 
 @pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
-    return models.load_model(hf_tiny.write("tiny-qwen2-vl", str(tmp_path_factory.mktemp("qwen") / "q")))
+def qwen_folder(tmp_path_factory):
+    return hf_tiny.write("tiny-qwen2-vl", str(tmp_path_factory.mktemp("qwen") / "q"))
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_folder):
+    return models.load_model(qwen_folder)
+
+
+def test_multi_image_and_text_only_train_on_qwen(qwen_folder, synthetic_data_dir, tmp_path):
+    """Two-image, one-image and text-only records through train.py on Qwen2-VL with NRCA, then evaluate.py."""
+    two = [{"id": f"two-{i}", "image": [f"images/train_{i:05d}.png", f"images/train_{i + 1:05d}.png"],
+            "conversations": [{"from": "human", "value": "Is <image> the same as <image>?"},
+                              {"from": "gpt", "value": "no, they differ"}]} for i in range(4)]
+    path = write_json(tmp_path / "mix.json", two + mixed_records()[:4])
+    test = write_json(tmp_path / "test.json", [record("t", answer="red", image="images/test_00000.png")])
+    out = tmp_path / "run"
+    result = train.main(train.make_config(
+        model=str(qwen_folder), train=[f"open:mix={path}"], test=[f"open:t={test}"],
+        image_folder=str(synthetic_data_dir), out_dir=str(out), epochs=1, batch_size=4, micro_batch_size=4, samples_per_dataset=-1, method="nrca",
+        eval_max_new_tokens=3))
+    assert result["n_open_answers"] == 1
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if "step" in s] == [1, 2] and all(s["n_open"] >= 0 for s in steps if "step" in s)
+    assert evaluate.main([str(out), "--test", f"open:t={test}", "--image-folder", str(synthetic_data_dir), "--limit",
+                          "1", "--max-new-tokens", "2"])["n_open_answers"] == 1
 
 
 def test_multi_image_on_qwen_noise_per_image_and_refusals(qwen, synthetic_data_dir, tmp_path):
