@@ -210,8 +210,8 @@ def test_multi_image_and_text_only_train_on_qwen(qwen_folder, synthetic_data_dir
     out = tmp_path / "run"
     result = train.main(train.make_config(
         model=str(qwen_folder), train=[f"open:mix={path}"], test=[f"open:t={test}"],
-        image_folder=str(synthetic_data_dir), out_dir=str(out), epochs=1, batch_size=4, micro_batch_size=4, samples_per_dataset=-1, method="nrca",
-        eval_max_new_tokens=3))
+        image_folder=str(synthetic_data_dir), out_dir=str(out), epochs=1, batch_size=4, micro_batch_size=4,
+        samples_per_dataset=-1, method="nrca", eval_max_new_tokens=3))
     assert result["n_open_answers"] == 1
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps if "step" in s] == [1, 2] and all(s["n_open"] >= 0 for s in steps if "step" in s)
