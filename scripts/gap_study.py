@@ -185,7 +185,7 @@ def run(out: Path, workers: int) -> None:
                 if (base_folder(out, job.seed, dial) / "final").is_dir():
                     measure_gap(out, job.seed, dial)
         with timing_lock:
-            old = json.loads(timing.read_text()) if timing.is_file() else {}
+            old = study.read_json(timing) if timing.is_file() else {}
             timing.write_text(json.dumps({**old, f"seed{job.seed}/{job.cell.name}": round(seconds, 1)}, indent=1))
         print(f"{time.strftime('%H:%M:%S')} done seed{job.seed}/{job.cell.name} in {seconds:.0f} s", flush=True)
 
@@ -223,6 +223,12 @@ def embedded_dial(out: Path) -> dict:
             if study.run_logged(["-c", code, f"{dial:g}", str(folder)], log)[0]:
                 raise RuntimeError(f"building seed 0's base at D = {dial:g} failed; see {log}")
         base = study.base_summary(out / "seed0", dial)  # its gates and its gap on the training captions
+        missing = [what for what, found in (("base", base), ("gates", base.get("gates")),
+                                            ("gap at delta 0.5", base.get("gap", {}).get("0.5"))) if not found]
+        if missing:
+            raise ValueError(f"embedded-dial: seed 0's base at D = {dial:g} under {out / 'seed0'} has no "
+                             f"{', '.join(missing)} (its gates-world*.json, confidence_gap.json); remove the base "
+                             "folder to rebuild it")
         gates, caption = base["gates"], base["gap"]["0.5"]
         keeps = gates["noisy view keeps the picture"]["passed"]
         premise = caption["share_noisy_above_clean"] <= PREMISE_SHARE
@@ -244,6 +250,7 @@ def main(argv=None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
+    study.check_workers(args.workers)
     if args.command == "run":
         run(out, args.workers)
     elif args.command == "embedded-dial":

@@ -40,9 +40,13 @@ def load(path: Path) -> list[dict]:
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path} line {number}: not JSON ({error})") from None
+            if not isinstance(record, dict) or "arm" not in record or "seed" not in record:
+                raise ValueError(f"{path} line {number}: not a run's record (a JSON object with 'arm' and 'seed', "
+                                 "as `collect` writes)")
+            records.append(record)
     return records
 
 
@@ -480,13 +484,26 @@ def plot_curves(records: list[dict], path: Path) -> None:
 
 
 def write_report(results: Path, out: Path, instrument: bool = True) -> str:
-    first = load(results / study.RESULTS.name)
-    second = load(results / gap_study.RESULTS.name)
+    """OUT/report.md (and OUT/fig1_val_curves.png with the first study's results), also printed. A --results folder
+    holding neither study's file, or a --out that is a file, is named before anything is computed; a study whose
+    file is missing has a section saying so."""
+    paths = {name: results / name for name in (study.RESULTS.name, gap_study.RESULTS.name)}
+    if not results.is_dir():
+        raise FileNotFoundError(f"--results {results}: no such folder (the studies' raw results, "
+                                f"{' and '.join(paths)}; default {REPO / 'results'})")
+    if not any(path.is_file() for path in paths.values()):
+        raise FileNotFoundError(f"--results {results}: holds neither {' nor '.join(paths)} (written by "
+                                "`testbed_study.py collect` and `gap_study.py collect`)")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file; expected a folder (report.md and fig1_val_curves.png go there)")
+    first, second = (load(path) for path in paths.values())
     sections = []
     if instrument:
         sections += ["## The instrument: CIDEr of captions written from the scene (seed 0's test split, no model)",
                      instrument_table(REPO / "data" / "testbed-seed0")]
-    sections += first_study(first) + gap_study_sections(second)
+    for path, title, records, section in ((paths[study.RESULTS.name], "First study", first, first_study),
+                                          (paths[gap_study.RESULTS.name], "Gap study", second, gap_study_sections)):
+        sections += section(records) if path.is_file() else [f"## {title}: no raw results ({path} not found)"]
     report = "\n\n".join(sections) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(report)

@@ -81,7 +81,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from reporting import epoch_evals  # noqa: E402
+from reporting import epoch_evals, read_text  # noqa: E402
 
 SEEDS = list(range(10))
 MAP_SEEDS = list(range(5))
@@ -159,6 +159,42 @@ def budget_cells() -> list[Cell]:
     return cells
 
 
+class NotReady(ValueError):
+    """A part started (or collected) before the part whose results it needs: named, exit 2 (cli.py)."""
+
+
+def read_json(path: Path, expected: type = dict):
+    """A JSON file a run or a base wrote (eval.json, config.json, seconds.json, the gates' list); a truncated or
+    edited one is named, never a traceback, and never read as "no scores"."""
+    try:
+        value = json.loads(read_text(path))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
+                         "truncated or edited? Rerun what wrote it, or remove it to redo that step") from None
+    if not isinstance(value, expected):
+        wanted = "an object" if expected is dict else "a list"
+        raise ValueError(f"{path}: holds a JSON {type(value).__name__}, expected {wanted}")
+    return value
+
+
+def read_metrics(folder: Path) -> list[dict]:
+    """RUN/metrics.jsonl's entries ([] when absent); a truncated or non-JSON line is named."""
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    entries = []
+    for number, line in enumerate(read_text(path).splitlines(), 1):
+        if line.strip():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                entry = None
+            if not isinstance(entry, dict):
+                raise ValueError(f"{path} line {number}: not a JSON object (truncated or edited?)")
+            entries.append(entry)
+    return entries
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Running
 
@@ -175,22 +211,32 @@ def final_val(folder: Path) -> dict:
     run that evaluated on the validation split; {"nonfinite": ...} for a run stopped by a non-finite loss; {}
     while a run is unfinished."""
     if (folder / NONFINITE).is_file():
-        return json.loads((folder / NONFINITE).read_text())
+        return read_json(folder / NONFINITE)
     if not (folder / "final").is_dir():
         return {}
     path = folder / "val" / "eval.json"
     if path.is_file():
-        return json.loads(path.read_text())
-    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+        return read_json(path)
+    config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
     points = epoch_evals(folder) if config.get("eval_split") == "val" else []
     return points[-1][1] if points else {}
 
 
 def final_test(folder: Path) -> dict:
     if (folder / NONFINITE).is_file():
-        return json.loads((folder / NONFINITE).read_text())
+        return read_json(folder / NONFINITE)
     path = folder / "test" / "eval.json"
-    return json.loads(path.read_text()) if (folder / "final").is_dir() and path.is_file() else {}
+    return read_json(path) if (folder / "final").is_dir() and path.is_file() else {}
+
+
+def judge(folder: Path, result: dict, split: str) -> bool:
+    """diverged(result) for the run in `folder`; a result without the rule's scores is named with its run and
+    split (an error, never a divergence)."""
+    try:
+        return diverged(result)
+    except ValueError as error:
+        raise ValueError(f"{folder} ({split} split, {folder / split / 'eval.json'} or the last per-epoch "
+                         f"evaluation): {error}") from None
 
 
 def job_done(out: Path, job: Job) -> bool:
@@ -243,17 +289,24 @@ def execute(out: Path, job: Job) -> float:
 def unstable_as_published(out: Path) -> bool:
     """Part 1's rule for running part 3: NRCA at the paper's settings diverges on at least one of the ten seeds.
     A decision, so it reads the validation split (the last per-epoch evaluation), never the test split."""
-    found = [final_val(run_folder(out, Job(NRCA, s, True, True))) for s in SEEDS]
+    folders = [run_folder(out, Job(NRCA, s, True, True)) for s in SEEDS]
+    found = [final_val(folder) for folder in folders]
     if not all(found):
-        raise RuntimeError("variants: part 1 (seeds) has not finished; run `run seeds` first")
-    return any(diverged(result) for result in found)
+        missing = [f"seed{s}" for s, result in zip(SEEDS, found, strict=True) if not result]
+        raise NotReady(f"variants: part 1 (seeds) has not finished under {out}: NRCA has no validation result for "
+                       f"{', '.join(missing)}; run `run seeds` first")
+    return any([judge(folder, result, "val") for folder, result in zip(folders, found, strict=True)])
 
 
-def zero_shot(out: Path) -> None:
-    """The base model before fine-tuning, per seed, on the test split (a reference row, chooses nothing)."""
-    for seed in SEEDS:
+def zero_shot(out: Path, seeds: list[int] | None = None) -> None:
+    """The base model before fine-tuning, per seed, on the test split (a reference row, chooses nothing). Every
+    seed with a base is evaluated; seeds without one are named at the end (exit 2)."""
+    no_base = []
+    for seed in seeds or SEEDS:
         folder = out / f"seed{seed}" / "zero-shot"
         bases = sorted((out / f"seed{seed}").glob("base-*/final"))
+        if not bases:
+            no_base.append(seed)
         if (folder / "test" / "eval.json").is_file() or not bases:
             continue
         log = out / "logs" / f"seed{seed}-zero-shot.log"
@@ -261,11 +314,14 @@ def zero_shot(out: Path) -> None:
                 str(folder / "test"), "--batch-size", "32"]
         if run_logged(args, log)[0]:
             raise RuntimeError(f"failed: {' '.join(args)}; see {log}")
+    if no_base:
+        raise NotReady(f"zero-shot: no base model under {out} for seed(s) {', '.join(map(str, no_base))} (looked for "
+                       f"{out}/seedS/base-*/final); the first run of a seed builds its base: run `run seeds` first")
 
 
 def run_part(out: Path, part: str, workers: int, seeds: list[int] | None = None) -> None:
     if part == "zero-shot":
-        return zero_shot(out)
+        return zero_shot(out, seeds)
     if part == "variants" and not unstable_as_published(out):  # decided on the validation split
         print("variants: NRCA diverged on none of the ten seeds of part 1, so, as fixed in advance, they do not run")
         return
@@ -288,7 +344,7 @@ def run_part(out: Path, part: str, workers: int, seeds: list[int] | None = None)
         print(f"{time.strftime('%H:%M:%S')} done {run_folder(out, job).relative_to(out)} in {seconds:.0f} s",
               flush=True)
         with timing_lock:
-            old = json.loads(timing.read_text()) if timing.is_file() else {}
+            old = read_json(timing) if timing.is_file() else {}
             timing.write_text(json.dumps({**old, f"seed{job.seed}/{job.cell.name}": round(seconds, 1)}, indent=1))
         return f"seed{job.seed}/{job.cell.name}", seconds
 
@@ -334,11 +390,13 @@ def base_summary(seed_folder: Path, dial: float) -> dict:
         return {}
     base = bases[0]
     gates = base / f"gates-world{testbed.WORLD_VERSION}.json"
-    rows = json.loads(gates.read_text()) if gates.is_file() else []
+    rows = read_json(gates, list) if gates.is_file() else []
     gap = {}
     for path in (seed_folder / f"gap-noise{dial:g}" / "confidence_gap.json", base / "confidence_gap.json"):
         if path.is_file():
-            tasks = json.loads(path.read_text())["tasks"]
+            tasks = read_json(path).get("tasks")
+            if not isinstance(tasks, dict):
+                raise ValueError(f"{path}: no 'tasks' object (written by evaluate.py confidence-gap?)")
             caption = next((entry for entry in tasks.values() if entry["task"] == "caption"), None)
             gap = caption["deltas"] if caption else {}
             break
@@ -346,7 +404,7 @@ def base_summary(seed_folder: Path, dial: float) -> dict:
     return {"folder": base.name,
             "gates": {row["gate"]: {"value": row["value"], "threshold": row["threshold"], "passed": row["passed"]}
                       for row in rows},
-            "gap": gap, "seconds": json.loads(seconds.read_text()) if seconds.is_file() else {}}
+            "gap": gap, "seconds": read_json(seconds) if seconds.is_file() else {}}
 
 
 def training_diagnostics(logged: list[dict]) -> list[dict]:
@@ -367,8 +425,8 @@ def run_record(out: Path, job: Job, part: str, study: str, data_dir: Path, **ext
     validation and test scores (rescored), NRCA's per-epoch confidences, whether it diverged (the rule above, on
     the test split where the run has one, else on validation), and its wall seconds."""
     folder = run_folder(out, job)
-    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-    nonfinite = json.loads((folder / NONFINITE).read_text()) if (folder / NONFINITE).is_file() else None
+    config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    nonfinite = read_json(folder / NONFINITE) if (folder / NONFINITE).is_file() else None
     per_epoch = []
     if not nonfinite and config.get("eval_split") == "val":
         per_epoch = [{"epoch": int(epoch), **rescored(result, folder / f"eval_epoch{int(epoch)}",
@@ -381,9 +439,8 @@ def run_record(out: Path, job: Job, part: str, study: str, data_dir: Path, **ext
     test = final_test(folder)
     test = rescored(test, folder / "test", data_dir / "test_caption.json") if test else {}
     timing = out / "seconds.json"
-    seconds = json.loads(timing.read_text()).get(f"seed{job.seed}/{job.cell.name}") if timing.is_file() else None
-    logged = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()
-              if line.strip()] if (folder / "metrics.jsonl").is_file() else []
+    seconds = read_json(timing).get(f"seed{job.seed}/{job.cell.name}") if timing.is_file() else None
+    logged = read_metrics(folder)
     judged = test or val
     dial = config.get("base_noise_max_delta", 0.6)
     return {"study": study, "part": part, "arm": job.cell.name, "seed": job.seed,
@@ -392,20 +449,33 @@ def run_record(out: Path, job: Job, part: str, study: str, data_dir: Path, **ext
             "train_seconds": round(sum(e.get("seconds", 0) for e in logged if "step" in e), 1) if logged else None,
             "eval_seconds": round(sum(e.get("seconds", 0) for e in logged if "eval" in e), 1) if logged else None,
             "val_per_epoch": per_epoch, "val_final": val, "test_final": test,
-            "diverged": diverged(judged) if judged else None, "diverged_on": "test" if test else "val",
+            "diverged": judge(folder, judged, "test" if test else "val") if judged else None,
+            "diverged_on": "test" if test else "val",
             "training": training_diagnostics(logged), "seconds": seconds}
 
 
 def write_results(out: Path, path: Path, jobs: list[tuple[str, Job]], study: str = "testbed_study",
                   extra=lambda job: {}, also=lambda folder: False) -> int:
     """The records (run_record) of the finished runs, of those stopped by a non-finite loss and of those `also`
-    accepts, one JSON line each, to `path` (rewritten whole); returns how many."""
-    lines = []
+    accepts, one JSON line each, to `path` (rewritten whole); returns how many. The runs left out (unfinished or
+    never started) are named; with none to write, `path` is left as it is and that is an error (a wrong --out)."""
+    if not out.is_dir():
+        raise FileNotFoundError(f"--out {out}: no such folder (the study's runs); {path} left as it is")
+    lines, missing = [], []
     for part, job in jobs:
         folder = run_folder(out, job)
         if job_done(out, job) or (folder / NONFINITE).is_file() or also(folder):
             data_dir = REPO / "data" / f"testbed-seed{job.seed}"
             lines.append(json.dumps(run_record(out, job, part, study, data_dir, **extra(job)), sort_keys=True))
+        else:
+            missing.append(str(folder.relative_to(out)))
+    if not lines:
+        raise ValueError(f"--out {out}: none of the {len(jobs)} runs has finished there (looked for "
+                         f"{out}/seedS/ARM/final with its eval.json; e.g. {missing[0] if missing else '-'}); "
+                         f"{path} left as it is")
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        print(f"{len(missing)} of {len(jobs)} runs have not finished under {out} and are left out: {shown}")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(line + "\n" for line in lines))
     return len(lines)
@@ -461,7 +531,8 @@ def budget_report_cells(out: Path) -> list[Cell]:
         paper = grid[0]
         scores = {c: [final_val(run_folder(out, Job(c, s, False, False))) for s in SELECTION_SEEDS] for c in grid}
         if not all(all(results) for results in scores.values()):
-            raise RuntimeError(f"budget: the selection runs of {method} are not all done; run `run budget` first")
+            raise NotReady(f"budget: the selection runs of {method} are not all done under {out}; run `run budget` "
+                           "first")
         cells += list(dict.fromkeys([paper, select(scores, paper)]))
     return cells
 
@@ -472,13 +543,33 @@ def collect(out: Path) -> int:
     for part in ("seeds", "map", "variants", "budget", "budget-test"):
         try:
             jobs = part_jobs(part, out)
-        except RuntimeError:  # budget-test before the selection runs are done
+        except NotReady:  # budget-test before the selection runs are done
             continue
         for job in jobs:
             if (job.cell.name, job.seed) not in seen:
                 seen.add((job.cell.name, job.seed))
                 items.append((part, job))
     return write_results(out, RESULTS, items)
+
+
+def check_workers(workers: int) -> None:
+    if workers < 1:
+        raise ValueError(f"--workers {workers}: expected >= 1 (runs in parallel, one thread each)")
+
+
+def parse_seeds(text: str | None, part: str, out: Path) -> list[int] | None:
+    """--seeds "0,3": the part's runs of these seeds only; a seed the part does not run is named."""
+    if not text:
+        return None
+    try:
+        seeds = [int(seed) for seed in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,3") from None
+    own = sorted({job.seed for job in part_jobs(part, out)}) if part != "zero-shot" else SEEDS
+    unknown = [seed for seed in seeds if seed not in own]
+    if unknown:
+        raise ValueError(f"--seeds {text}: part {part} runs seeds {own[0]}-{own[-1]}, not {unknown}")
+    return seeds
 
 
 def main(argv=None) -> None:
@@ -491,12 +582,14 @@ def main(argv=None) -> None:
                                         "machine between two processes); default: all")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
+    check_workers(args.workers)
     if args.command == "run":
         if args.part is None:
-            raise ValueError("testbed_study.py run: name the part (seeds, map, variants, budget, budget-test)")
-        seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else None
-        run_part(out, args.part, args.workers, seeds)
+            raise ValueError("run: name the part (seeds, map, variants, budget, budget-test, zero-shot)")
+        run_part(out, args.part, args.workers, parse_seeds(args.seeds, args.part, out))
     else:
+        if args.part is not None or args.seeds:
+            raise ValueError("collect takes every part's runs under --out: no part, no --seeds")
         print(f"wrote {collect(out)} runs to {RESULTS.relative_to(REPO)}")
 
 

@@ -146,7 +146,7 @@ def test_unfinished_and_nonfinite_runs(tmp_path):
     assert study.final_val(folder) == {}
     for seed in study.SEEDS[1:]:
         fake_run(tmp_path, study.NRCA, seed, [scores(100, 40)], scores(100, 40))
-    with pytest.raises(RuntimeError, match="part 1"):  # seed 0 has no validation result
+    with pytest.raises(study.NotReady, match="part 1"):  # seed 0 has no validation result
         study.unstable_as_published(tmp_path)
     (folder / "config.json").write_text(json.dumps({"eval_split": "val"}))
     assert study.unstable_as_published(tmp_path) is False  # ten seeds, none diverged
