@@ -497,9 +497,11 @@ def training_sources(cfg: TrainConfig) -> list[tuple[str, str, str]]:
             ("choice", "synthetic-choice", str(root / "train_choice.json"))]
 
 
-def check_test_splits(cfg: TrainConfig, world: int) -> None:
+def check_test_splits(cfg: TrainConfig, world: int, size_error=None) -> None:
     """The --test files the per-epoch evaluation will read (the records it evaluates, --eval-limit of them): valid
-    test records whose images open, checked before training rather than at the end of the first epoch."""
+    test records whose images open, checked before training rather than at the end of the first epoch. With
+    `size_error` (the loaded model's processor rule, HFMLLM.image_size_error) also their images' sizes: the second
+    call, once the model has loaded and before step 1."""
     if not cfg.train or not cfg.test or not (cfg.eval_every_epoch and not (cfg.fsdp and world > 1)):
         return
     import evaluate
@@ -509,8 +511,11 @@ def check_test_splits(cfg: TrainConfig, world: int) -> None:
         records = evaluate.load_test_split(path, task)
         folder = Path(cfg.image_folder) if cfg.image_folder else Path(path).parent  # as evaluate_model
         for record in records[:cfg.eval_limit or None]:
-            data.open_image(folder / record["image"], f"--test {task}:{name} record {record['id']!r}",
-                            header_only=True)
+            where = f"--test {task}:{name} record {record['id']!r}"
+            width, height = data.open_image(folder / record["image"], where, header_only=True)
+            problem = size_error(width, height) if size_error else None
+            if problem:
+                raise data.DataError(f"{where}: image {folder / record['image']} ({width} x {height}): {problem}")
 
 
 def build_dataset(cfg: TrainConfig, mllm, rank: int, world: int) -> loader.LazySamples:
@@ -857,6 +862,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
                              "fixed by its architecture")
         mllm.connector_names = tuple(name.strip() for name in cfg.connector.split(",") if name.strip())
     hf_models.set_resolution(mllm, cfg.max_pixels, cfg.min_pixels)
+    if getattr(mllm, "image_size_error", None):  # the processor's own size rule on the --test images (Qwen2-VL)
+        on_rank0(lambda: check_test_splits(cfg, world, mllm.image_size_error), rank, world)
     layers = cfg.tune_last_layers if cfg.tune_last_layers >= 0 else len(mllm.decoder_layers)
     # --lora-rank: the decoder layers stay frozen and get adapters (lora.py); the connector trains in full unless
     # --lora-connector adapts it too.

@@ -14,8 +14,10 @@ Covered:
 4. A broken model folder (no weights, tokenizer, tokenizer_config.json, processor settings or chat template; a
    config.json with a layer more or less, another intermediate or vocabulary size) is named by load_model, also
    through evaluate.py.
-3. An empty data set in a mix (`[]`, or every record skipped) and a bad --test file (a record, a missing image)
-   are errors before step 1.
+3. An empty data set in a mix (`[]`, or every record skipped) and a bad --test file (a record of any task kind,
+   open included; a missing image) are errors before the model loads; a --test image the loaded model's processor
+   refuses (Qwen2-VL's aspect ratio) is one before step 1, not at the first epoch's evaluation.
+Smaller: --help says --test is required with --train. (The study scripts' row: test_study_scripts_reliability.py.)
 
     python -m pytest -q tests/test_reliability.py
 """
@@ -475,3 +477,45 @@ def test_a_bad_test_file_is_named_before_training(change, named, synthetic_data_
                    test=[f"caption:c={synthetic_data_dir / 'test_caption.json'}", f"choice:q={test}"])
     with pytest.raises((ValueError, FileNotFoundError), match=named):
         train.main(cfg)
+
+
+def test_a_bad_open_test_file_is_named_before_training(synthetic_data_dir, tmp_path, monkeypatch):
+    """The open task kind too: an open test record without an answer is named before the model loads."""
+    import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded before --test was read"))
+    records = json.loads((synthetic_data_dir / "test_caption.json").read_text())
+    turns = [{"from": "human", "value": "<image>\nWhat is it?"}]
+    test = tmp_path / "test_open.json"
+    test.write_text(json.dumps([{"id": r["id"], "image": r["image"], "conversations": turns} for r in records]))
+    cfg = settings("tiny-llava", synthetic_data_dir, tmp_path / "run", eval_every_epoch=True,
+                   image_folder=str(synthetic_data_dir), test=[f"open:o={test}"],
+                   train=[f"caption:c={synthetic_data_dir / 'train_caption.json'}"])
+    with pytest.raises(ValueError, match=r"test_open.json record 0 .*open records need 'references'"):
+        train.main(cfg)
+
+
+def test_a_test_image_the_processor_refuses_is_named_before_step_1(qwen, synthetic_data_dir, tmp_path):
+    """A 2000 x 3 picture in --test: Qwen2-VL's smart_resize refuses it (aspect ratio over 200). It used to stop the
+    run at the first epoch's evaluation, after training; now it is named once the model has loaded, before step 1."""
+    from PIL import Image
+
+    records = json.loads((synthetic_data_dir / "test_choice.json").read_text())
+    Image.new("RGB", (2000, 3)).save(tmp_path / "wide.png")
+    records[1]["image"] = str(tmp_path / "wide.png")
+    test = tmp_path / "test_choice.json"
+    test.write_text(json.dumps(records))
+    run = tmp_path / "run"
+    cfg = settings(qwen, synthetic_data_dir, run, eval_every_epoch=True, eval_limit=2,
+                   image_folder=str(synthetic_data_dir), test=[f"choice:q={test}"],
+                   train=[f"choice:q={synthetic_data_dir / 'train_choice.json'}"])
+    with pytest.raises(ValueError, match=r"--test choice:q record 'synthetic-test-00001-choice': image .*wide.png "
+                                         r"\(2000 x 3\): the Qwen2VLImageProcessor.* refuses it"):
+        train.main(cfg)
+    assert not (run / "metrics.jsonl").is_file() or "step" not in (run / "metrics.jsonl").read_text()
+
+
+def test_help_says_test_is_required_with_train():
+    """--help no longer says --test defaults to the synthetic split: with --train it is required."""
+    text = " ".join(next(a.help for a in train.build_parser()._actions if "--test" in a.option_strings).split())
+    assert "required with --train" in text and "synthetic" not in text
