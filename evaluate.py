@@ -213,6 +213,16 @@ def _load_images(records: list[dict], image_folder: Path):
     return [open_image(image_folder / r["image"], f"test record {r['id']!r} ({r['task']})") for r in records]
 
 
+def _prompt(mllm, image, record: dict) -> dict:
+    """mllm.prompt, a picture its processor refuses (Qwen2-VL: aspect ratio over 200) named by the test record."""
+    from data import DataError
+
+    try:
+        return mllm.prompt(image, record["question"])
+    except DataError as error:
+        raise DataError(f"test record {record['id']!r} ({record['task']}): {error}") from None
+
+
 def generate_answers(mllm, records: list[dict], image_folder: Path, batch_size: int = 8, max_new_tokens: int = 24,
                      noisy: bool = False, noise_seed: int = 0, delta: float = 0.5, attention: bool = False,
                      progress: bool = False) -> list[dict]:
@@ -232,8 +242,8 @@ def generate_answers(mllm, records: list[dict], image_folder: Path, batch_size: 
     starts = range(0, len(records), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress, dynamic_ncols=True):
         batch = records[start:start + batch_size]
-        items = [mllm.prompt(image, record["question"])
-                 for image, record in zip(_load_images(batch, image_folder), batch, strict=True)]
+        items = [_prompt(mllm, image, record) for image, record in zip(_load_images(batch, image_folder), batch,
+                                                                        strict=True)]
         if noisy:
             for item, record in zip(items, batch, strict=True):
                 generator = torch.Generator().manual_seed(_record_seed(noise_seed, record["id"]))

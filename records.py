@@ -251,8 +251,9 @@ class Skipped:
 def reason_of(message: str) -> str:
     """A short, stable reason for a skip count: the message without file, record and quoted values."""
     text = re.sub(r"^.*?\(id [^)]*\)[^:]*: ", "", message)
+    text = re.sub(r"\S*/\S*", "PATH", text)  # file paths
     text = re.sub(r"'[^']*'|\"[^\"]*\"|\d+", "_", text)
-    return text[:80]
+    return text[:100]
 
 
 def special_tokens(tokenizer, extra=()) -> tuple[str, ...]:

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import evaluate
 import hf_tiny
 import run_folder
 import train
@@ -519,3 +520,39 @@ def test_help_says_test_is_required_with_train():
     """--help no longer says --test defaults to the synthetic split: with --train it is required."""
     text = " ".join(next(a.help for a in train.build_parser()._actions if "--test" in a.option_strings).split())
     assert "required with --train" in text and "synthetic" not in text
+
+
+def test_evaluate_names_a_test_image_the_processor_refuses(qwen, synthetic_data_dir, tmp_path):
+    """`evaluate.py MODEL --test ...` with a 2000 x 3 picture on Qwen2-VL: one line naming the test record (was the
+    processor's traceback)."""
+    from PIL import Image
+
+    records = json.loads((synthetic_data_dir / "test_choice.json").read_text())[:2]
+    Image.new("RGB", (2000, 3)).save(tmp_path / "wide.png")
+    records[1]["image"] = str(tmp_path / "wide.png")
+    test = tmp_path / "test_choice.json"
+    test.write_text(json.dumps(records))
+    with pytest.raises(ValueError, match=r"test record 'synthetic-test-00001-choice' \(choice\): .*refused the "
+                                         r"record's image\(s\) \[\(2000, 3\)\]: absolute aspect ratio"):
+        evaluate.main([str(qwen), "--test", f"choice:q={test}", "--image-folder", str(synthetic_data_dir),
+                       "--max-new-tokens", "2"])
+
+
+def test_a_wide_training_image_is_named_before_step_1_or_skipped(qwen, synthetic_data_dir, tmp_path):
+    """A 2000 x 3 picture in --train on Qwen2-VL: --check-images names it before step 1 (the processor's own rule on
+    its header); with --skip-bad-records it is left out there and counted in run.json."""
+    from PIL import Image
+
+    records = json.loads((synthetic_data_dir / "train_choice.json").read_text())[:8]
+    Image.new("RGB", (2000, 3)).save(tmp_path / "wide.png")
+    records[3]["image"] = str(tmp_path / "wide.png")
+    data_file = tmp_path / "train_choice.json"
+    data_file.write_text(json.dumps(records))
+    common = dict(image_folder=str(synthetic_data_dir), train=[f"choice:q={data_file}"], check_images=True,
+                  eval_every_epoch=False, samples_per_dataset=-1)
+    with pytest.raises(ValueError, match=r"record 3 \(id '[^']+'\): image .*wide.png \(2000 x 3\): the .*refuses it"):
+        train.main(settings(qwen, synthetic_data_dir, tmp_path / "strict", **common))
+    run = tmp_path / "lenient"
+    train.main(settings(qwen, synthetic_data_dir, run, skip_bad_records=True, **common))
+    skipped = json.loads((run / "run.json").read_text())["skipped_before_step_1"]
+    assert sum(skipped.values()) == 1 and "refuses it" in next(iter(skipped))
