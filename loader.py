@@ -130,9 +130,24 @@ def collate_loaded(mllm):
 
 
 def batch_loader(dataset: LazySamples, micro_batches: list[list[int]], mllm, num_workers: int = 0):
-    """Iterate one epoch's micro-batches (index lists, padding indices negative) as collated batches."""
+    """Iterate one epoch's micro-batches (index lists, padding indices negative) as collated batches. A record that
+    fails in a worker process is raised here as the one-line error the worker raised (the DataLoader wraps it in
+    the worker's traceback), so train.py names it as it would without workers."""
     # Its own generator: each iterator draws its workers' base seed from it, not from the global torch RNG that
     # training draws from (--lora-dropout) and a checkpoint restores, so a resumed epoch draws as the straight run.
-    return torch.utils.data.DataLoader(dataset, batch_sampler=micro_batches, collate_fn=collate_loaded(mllm),
-                                       num_workers=num_workers, prefetch_factor=2 if num_workers else None,
-                                       persistent_workers=False, generator=torch.Generator().manual_seed(0))
+    batches = torch.utils.data.DataLoader(dataset, batch_sampler=micro_batches, collate_fn=collate_loaded(mllm),
+                                          num_workers=num_workers, prefetch_factor=2 if num_workers else None,
+                                          persistent_workers=False, generator=torch.Generator().manual_seed(0))
+    iterator = iter(batches)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except (DataError, FileNotFoundError) as error:
+            text = str(error)
+            if "Original Traceback" not in text:
+                raise
+            last = text.strip().splitlines()[-1]  # "data.DataError: <the worker's message>"
+            raise type(error)(last.split(": ", 1)[-1]) from None
+        yield batch

@@ -318,3 +318,27 @@ def test_open_test_split_exact_match(tmp_path):
     assert scores["per_id"] == {"a": True, "b": True, "c": False} and abs(scores["exact_match"] - 200 / 3) < 1e-9
     split = evaluate.validate_test_records([record("q", answer="Yes")], "open")
     assert split[0]["references"] == ["Yes"]
+
+
+def test_a_record_failing_in_a_worker_is_named_in_one_line(synthetic_data_dir, tmp_path):
+    """With --num-workers 2 a truncated image stops the run with the worker's one-line error (the DataLoader wraps it
+    in the worker's traceback); train.py's command line prints it as `train.py: error: ...`, exit 2."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(folder / f"{i}.png")
+    (folder / "2.png").write_bytes((folder / "2.png").read_bytes()[:60])
+    path = write_json(tmp_path / "t.json", [record(i, image=f"images/{i}.png") for i in range(4)])
+    mllm = models.load_model("tiny-llava")
+    dataset = loader.LazySamples(records.mix([("caption", "t", str(path))], None), tmp_path, mllm, 256)
+    with pytest.raises(DataError, match=r"^t: record 2 \(id '2'\): image .*2.png cannot be read"):
+        list(loader.batch_loader(dataset, [[0, 1], [2, 3]], mllm, num_workers=2))
+    out = subprocess.run([sys.executable, str(Path(train.__file__)), "--train", f"caption:t={path}", "--image-folder",
+                          str(tmp_path), "--base-epochs", "0", "--no-eval-every-epoch", "--num-workers", "2",
+                          "--batch-size", "4", "--micro-batch-size", "2", "--out-dir", str(tmp_path / "run")],
+                         capture_output=True, text=True, env={**__import__("os").environ, "TQDM_DISABLE": "1"})
+    assert out.returncode == 2 and "train.py: error: t: record 2 (id '2'): image" in out.stderr
+    assert "Traceback" not in out.stderr
