@@ -29,15 +29,17 @@ def read_text(path: Path) -> str:
         raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
 
 
-def read_json(path: Path) -> dict:
-    """A JSON object from a run folder (eval.json, config.json, a model's config.json); a damaged one is named."""
+def read_json(path: Path, expected: type = dict, hint: str = "") -> dict | list:
+    """A JSON object (or, expected=list, a list) from a run folder (eval.json, config.json, a model's config.json, a
+    base's gates); a damaged one is named, never a traceback, never read as "no scores"; `hint` says what to do."""
     try:
         value = json.loads(read_text(path))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
-                         "truncated or edited?") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: holds a JSON {type(value).__name__}, expected an object")
+                         f"truncated or edited?{' ' + hint if hint else ''}") from None
+    if not isinstance(value, expected):
+        raise ValueError(f"{path}: holds a JSON {type(value).__name__}, expected "
+                         f"{'an object' if expected is dict else 'a list'}")
     return value
 
 

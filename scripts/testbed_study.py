@@ -81,6 +81,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import reporting  # noqa: E402
 from reporting import epoch_evals, read_text  # noqa: E402
 
 SEEDS = list(range(10))
@@ -164,17 +165,9 @@ class NotReady(ValueError):
 
 
 def read_json(path: Path, expected: type = dict):
-    """A JSON file a run or a base wrote (eval.json, config.json, seconds.json, the gates' list); a truncated or
-    edited one is named, never a traceback, and never read as "no scores"."""
-    try:
-        value = json.loads(read_text(path))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
-                         "truncated or edited? Rerun what wrote it, or remove it to redo that step") from None
-    if not isinstance(value, expected):
-        wanted = "an object" if expected is dict else "a list"
-        raise ValueError(f"{path}: holds a JSON {type(value).__name__}, expected {wanted}")
-    return value
+    """A JSON file a run or a base wrote (eval.json, config.json, seconds.json, the gates' list): reporting.read_json,
+    saying how to redo it."""
+    return reporting.read_json(path, expected, hint="Rerun what wrote it, or remove it to redo that step")
 
 
 def read_metrics(folder: Path) -> list[dict]:
