@@ -9,7 +9,7 @@ on the fly.
   ending with gpt; as many `<image>` placeholders in human turns as images, none in a reply; no empty reply;
   no special token of the model's tokenizer written in the text (it would be read as a control token:
   `special_tokens`). A bad record is named by file, index and id; with skip_bad_records it is left out and
-  counted per reason. With check_images every image's header is opened too (a thread pool).
+  counted per reason. With check_images every image's header is opened too (worker processes).
 - Task kinds: "caption" and "choice" are the paper's two tasks, their single-turn, one-image prompts rewritten as
   in Sec. 4.1 (one of five caption instructions; the choice suffix); "open" keeps every prompt as written (VQA,
   instructions); NRCA's open / fixed split then follows the answer's length, as in the released code. Multi-turn,
@@ -34,13 +34,16 @@ import functools
 import json
 import logging
 import marshal
+import multiprocessing
+import os
 import random
 import re
 from array import array
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tqdm import tqdm
 
 from data import (
     CAPTION_PROMPTS,
@@ -368,28 +371,45 @@ def mix(sources, samples_per_dataset: int | None = 10_000, seed: int = 0, skip_b
     return out
 
 
+_IMAGE_CHECK = None  # (store, folder, size_error) for check_images' forked worker processes
+
+
+def _check_record_images(index: int) -> str | None:
+    """Why record `index`'s images fail --check-images, or None (runs in a forked worker: reads _IMAGE_CHECK)."""
+    store, folder, size_error = _IMAGE_CHECK
+    record = store[index]
+    where = f"{record['source']}: record {record['index']} (id {record['id']!r})"
+    try:
+        for image in record["image"]:
+            width, height = open_image(folder / image, where, header_only=True)
+            problem = size_error(width, height) if size_error else None
+            if problem:
+                return f"{where}: image {folder / image} ({width} x {height}): {problem}"
+    except (DataError, FileNotFoundError) as error:
+        return str(error)
+    return None
+
+
 def check_images(store: CompactRecords, image_folder, skip_bad_records: bool, skipped: Skipped,
-                 workers: int = 8, size_error=None) -> CompactRecords:
-    """--check-images: every image's header opened (a thread pool: the work is file I/O); a missing or unreadable
-    image, or one whose size `size_error(width, height)` refuses (the processor's own rule, HFMLLM.image_size_error),
-    stops the run naming its record, or with skip_bad_records the record is left out and counted."""
-    folder = Path(image_folder)
-
-    def check(index: int):
-        record = store[index]
-        where = f"{record['source']}: record {record['index']} (id {record['id']!r})"
-        try:
-            for image in record["image"]:
-                width, height = open_image(folder / image, where, header_only=True)
-                problem = size_error(width, height) if size_error else None
-                if problem:
-                    return f"{where}: image {folder / image} ({width} x {height}): {problem}"
-        except (DataError, FileNotFoundError) as error:
-            return str(error)
-        return None
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        problems = list(pool.map(check, range(len(store)), chunksize=256))
+                 workers: int | None = None, size_error=None) -> CompactRecords:
+    """--check-images: every image's header opened, in `workers` forked processes (default: the CPUs this process
+    may use; opening a header is Python work, so threads would queue on the GIL); a missing or unreadable image, or
+    one whose size `size_error(width, height)` refuses (the processor's own rule, HFMLLM.image_size_error), stops
+    the run naming its record, or with skip_bad_records the record is left out and counted. The workers only read
+    files (no CUDA), so forking a process that holds a model is safe."""
+    global _IMAGE_CHECK
+    workers = workers or len(os.sched_getaffinity(0))
+    _IMAGE_CHECK = (store, Path(image_folder), size_error)
+    try:
+        progress = dict(total=len(store), unit="record", desc="--check-images", disable=len(store) < 10_000,
+                        dynamic_ncols=True)
+        if workers < 2 or len(store) < 2_000:
+            problems = [_check_record_images(i) for i in tqdm(range(len(store)), **progress)]
+        else:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                problems = list(tqdm(pool.imap(_check_record_images, range(len(store)), chunksize=512), **progress))
+    finally:
+        _IMAGE_CHECK = None
     if not any(problems):
         return store
     first = next(p for p in problems if p)
