@@ -99,8 +99,9 @@ class TrainConfig:
                                  "image tokens are never cut")
     skip_bad_records: bool = _f(False, "count and log bad records instead of stopping (before step 1, or while "
                                        "loading: the record's place in its batch gets no label)")
-    check_images: bool = _f(False, "also open every image's header before step 1 (a process per CPU), so that a missing "
-                                   "or unreadable image is named (or skipped) before training rather than when reached")
+    check_images: bool = _f(False, "also open every image's header before step 1 (a process per CPU), so that a "
+                                   "missing or unreadable image, or one the processor refuses, is named (or skipped) "
+                                   "before training rather than when reached")
     num_workers: int = _f(0, "DataLoader worker processes that tokenise and load images ahead of the step (0: in the "
                              "training process)")
     max_pixels: int = _f(0, "dynamic-resolution families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): at most this many pixels "
