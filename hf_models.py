@@ -42,6 +42,7 @@ attention shares (Table 1 locates the vicuna_v1 system prompt): the README's tab
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import os
@@ -386,6 +387,16 @@ class HFMLLM:
 
     def collate(self, items: list[dict], left: bool = False) -> dict:
         return collate(items, self.pad_token_id, left=left)
+
+    def blank_image_features(self) -> torch.Tensor:
+        """The vision tower and connector on one blank picture (models.MLLM.blank_image_features: why)."""
+        inputs = self.processor.image_processor(images=[Image.new("RGB", (32, 32))], return_tensors="pt")
+        accepted = inspect.signature(self.model.get_image_features).parameters
+        inputs = {key: value.to(self.device) for key, value in inputs.items() if key in accepted}
+        out = self.model.get_image_features(**inputs)
+        parts = [out] if torch.is_tensor(out) else [out.pooler_output] if hasattr(out, "pooler_output") else out
+        return torch.cat([p.reshape(-1) for part in parts for p in (part if isinstance(part, (list, tuple))
+                                                                      else [part])])
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: dict,

@@ -142,7 +142,7 @@ class NRCA(Method):
             # Eq. (6) with lam = 0 is CE; with delta = 0, Eq. (2b) gives x~ = x, so I~ = I and Eq. (5b) is 0.
             # Either way NRCA is Full FT (paper Fig. 4): skip the noisy branch, so the update is exactly Full FT's.
             return super().loss(forward, batch)
-        if batch["pixel_values"] is None:  # text-only samples alone: no noisy view, CE only (nrca.py)
+        if not has_pictures(batch):  # text-only samples alone: no noisy view, CE only (nrca.py)
             return super().loss(forward, batch)
         noisy = self.noisy_pixels(batch)
         if self.cfg.nrca_impl == "released":
@@ -202,6 +202,12 @@ class NoisyAugmentedPretraining(Method):
         _, nll, mask = self.token_stats(forward, batch, pixel_values=augmented)
         ce, _, n_empty = self.sample_mean_ce(nll, mask)
         return ce, {"ce": ce.detach(), "n_empty": n_empty}
+
+
+def has_pictures(batch) -> bool:
+    """Whether any sample of the batch has a picture (data.collate: `has_image` is there when some have none; a
+    generic family's batch of text-only samples keeps its token-aligned extras in pixel_values)."""
+    return batch["pixel_values"] is not None and bool(batch.get("has_image", torch.ones(1, dtype=torch.bool)).any())
 
 
 def cat_images(clean, noisy):

@@ -344,6 +344,15 @@ class MLLM:
     def collate(self, items: list[dict], left: bool = False) -> dict:
         return collate(items, self.pad_token_id, left=left)
 
+    def blank_image_features(self) -> torch.Tensor:
+        """The connector's output for one blank picture: what train.anchored_to_pictures runs for a micro-batch of
+        text-only samples on several ranks, so that every rank runs the vision tower and the connector in every step
+        (LLaVA's own code concatenates image_features[0:0] to a text-only sample for the same reason)."""
+        pixels = self.preprocess([Image.new("RGB", (32, 32))]).to(self.device)  # (1, C, S, S)
+        if self.kind == "vila":
+            return self.model.get_image_features(pixels)  # (1, N, H)
+        return torch.stack(list(self.model.model.get_image_features(pixel_values=pixels).pooler_output))
+
     def prompt(self, image: Image.Image, question: str) -> dict:
         """A generation prompt exactly as training conditions on it: input_ids (T,) = data.py's
         tokenize_conversation of the question with a placeholder answer, cut before the first label token (so

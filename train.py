@@ -60,7 +60,7 @@ import records
 import run_folder
 import tensorboard_log
 import testbed
-from methods import METHODS, get_method, model_forward
+from methods import METHODS, get_method, has_pictures, model_forward
 from nrca import ALIGNMENTS
 
 
@@ -568,6 +568,27 @@ def epoch_batches(n_items: int, epoch: int, cfg: TrainConfig, rank: int, world: 
     return [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
 
 
+@contextlib.contextmanager
+def anchored_to_pictures(mllm):
+    """For a micro-batch of text-only samples on several ranks: inside the model's forward, where its input
+    embeddings are made (a forward hook on them), the vision tower and the connector run on a blank picture
+    (mllm.blank_image_features) and 0 x their sum is added to the embeddings. So every rank runs the tower and the
+    connector in every step, in the order a rank with pictures does (embeddings, tower, connector, decoder), and the
+    connector's (zero) gradient arrives after the decoder's: DDP expects a gradient for every trainable tensor, and
+    FSDP2 gathers and reduces its units in the same order on every rank. Without it, a rank without pictures stops
+    DDP ("parameters that were not used") and hangs FSDP2. LLaVA's code does the same for its text-only samples
+    (image_features[0:0] concatenated). The values are unchanged (x + 0 = x)."""
+
+    def hook(module, args, embeddings):
+        return embeddings + (0.0 * mllm.blank_image_features().float().sum()).to(embeddings.dtype)
+
+    handle = mllm.model.get_input_embeddings().register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def noise_seed(seed: int, step: int, micro: int, rank: int) -> int:
     """Seed of Eq. (2)'s noise for one micro-batch (also hf_trainer.py's): reproducible across resume, distinct
     per rank and micro-batch."""
@@ -946,7 +967,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
                 if cfg.diagnose_every:  # the extra backward of --diagnose-every, on its steps only
                     method.diagnose = (gradient_diagnostics(named_params) if (step + 1) % cfg.diagnose_every == 0
                                        else None)
-                with autocast:
+                anchor = contextlib.nullcontext() if has_pictures(batch) or world == 1 else anchored_to_pictures(mllm)
+                with autocast, anchor:
                     loss, metrics = method.loss(forward, batch)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(

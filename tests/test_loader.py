@@ -342,3 +342,29 @@ def test_a_record_failing_in_a_worker_is_named_in_one_line(synthetic_data_dir, t
                          capture_output=True, text=True, env={**__import__("os").environ, "TQDM_DISABLE": "1"})
     assert out.returncode == 2 and "train.py: error: t: record 2 (id '2'): image" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("model, extra", [("tiny-llava", ["--fsdp"]), ("tiny-qwen2-vl", [])],
+                         ids=["llava-fsdp", "qwen2-vl-ddp"])
+def test_text_only_micro_batches_on_two_gloo_ranks(model, extra, tmp_path):
+    """Half the records text-only, one sample per rank and step: some steps one rank has a picture and the other
+    none. train.anchored_to_pictures runs the tower and connector on a blank picture there; without it DDP stops
+    ("parameters that were not used") and FSDP2 hangs. Both ranks end with the same weights."""
+    from conftest import torchrun_train
+
+    (tmp_path / "images").mkdir()
+    mix = []
+    for i in range(8):
+        turns = [{"from": "human", "value": "Say blue." if i % 2 else "<image>\nWhat colour?"},
+                 {"from": "gpt", "value": "blue blue" if i % 2 else "a red one"}]
+        mix.append({"id": f"r{i}", "conversations": turns})
+        if i % 2 == 0:
+            Image.new("RGB", (32, 32), (200, 10 * i, 10)).save(tmp_path / "images" / f"{i}.png")
+            mix[-1]["image"] = f"images/{i}.png"
+    path = write_json(tmp_path / "mix.json", mix)
+    folder = hf_tiny.write(model, str(tmp_path / "model")) if model.startswith("tiny-qwen") else model
+    rank0, rank1 = torchrun_train(tmp_path, [
+        "--model", str(folder), "--train", f"open:m={path}", "--image-folder", str(tmp_path), "--samples-per-dataset",
+        "all", "--base-epochs", "0", "--epochs", "1", "--no-eval-every-epoch", "--batch-size", "2",
+        "--micro-batch-size", "1", "--out-dir", str(tmp_path / "run"), "--method", "nrca", *extra])
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
