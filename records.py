@@ -58,6 +58,7 @@ from data import (
 KINDS = ("caption", "choice", "open")  # --train KIND:NAME=PATH
 log = logging.getLogger("nrca.records")
 _CHUNK = 1 << 24  # characters read at a time while parsing a JSON list
+BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,7 +72,7 @@ def iter_records(path) -> iter:
         raise FileNotFoundError(f"records file {path} does not exist")
     with path.open("rb") as f:
         head = f.read(4096)
-    first = head.lstrip()[:1]
+    first = head.removeprefix(BOM).lstrip()[:1]  # a byte-order mark (Windows editors write one) is skipped
     if first == b"[":
         yield from _iter_json_list(path)
     else:
@@ -93,7 +94,7 @@ def _iter_json_list(path: Path):
     dropped, so memory holds one chunk and one record, not the file."""
     import codecs
 
-    decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8")()
+    decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8-sig")()  # -sig: drops a BOM
     text, position, done = "", 0, False
     line_offset, column_offset = 0, 0  # lines and columns dropped before `text`, for error positions
 
@@ -167,7 +168,7 @@ def _iter_json_lines(path: Path, first: bytes):
     count = 0
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
-            line = _decode(raw, path, line_offset=lineno - 1)
+            line = _decode(raw.removeprefix(BOM) if lineno == 1 else raw, path, line_offset=lineno - 1)
             if not line.strip():
                 continue
             try:

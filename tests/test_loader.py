@@ -61,6 +61,14 @@ def test_streaming_parser_equals_json_loads_across_chunks(tmp_path, monkeypatch)
         assert list(records.iter_records(path)) == values
 
 
+def test_a_byte_order_mark_is_skipped(tmp_path):
+    values = [{"id": "a", "n": 1}, {"id": "b", "n": 2}]
+    (tmp_path / "list.json").write_bytes(records.BOM + json.dumps(values).encode())
+    (tmp_path / "lines.jsonl").write_bytes(records.BOM + "\n".join(map(json.dumps, values)).encode())
+    assert list(records.iter_records(tmp_path / "list.json")) == list(records.iter_records(tmp_path / "lines.jsonl"))\
+        == values
+
+
 @pytest.mark.parametrize("text", ['[\n {"id": 1},\n {"id": 2,}\n]', '[{"id": 1} {"id": 2}]', '[\n {"id": 1},\n'],
                          ids=["inside-a-record", "between-records", "not-closed"])
 def test_streaming_parser_names_line_and_column_as_json_does(tmp_path, monkeypatch, text):
