@@ -92,18 +92,12 @@ def parse_test_spec(spec: str) -> tuple[str, str, str]:
 
 def load_test_split(path: str | Path, task: str) -> list[dict]:
     """Read and validate a test split (JSON list or JSONL); returns records with "question" added."""
+    import records as record_files  # the training files' parser: line and column of a malformed file
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"test split {path} ({task}) does not exist")
-    text = read_text(path)
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: neither a JSON list nor JSONL ({error})") from None
-    return validate_test_records(records, task, str(path))
+    return validate_test_records(list(record_files.iter_records(path)), task, str(path))
 
 
 def validate_test_records(records: list[dict], task: str, source: str = "records") -> list[dict]:
