@@ -12,7 +12,7 @@ measure where a checkpoint sits:
     python evaluate.py confidence-gap /ckpt/llava-v1.5-7b --train caption:coco=/d/coco.json \\
         --train choice:sqa=/d/sqa.json --image-folder /d/images --delta 0.25 --delta 0.5 --limit 512
 
-Forward passes only, on `--limit` records per training file (drawn as train.py draws them, data.mix_datasets,
+Forward passes only, on `--limit` records per training file (drawn as train.py draws them, records.mix,
 seed 0), each twice: the clean picture and its Eq. (2b) view (delta per `--delta`, the paper's per-image
 statistics, a fixed noise seed per batch). Per task and per delta, over the open-response samples (>= 3 answer
 tokens, NRCA's own rule, nrca.sample_confidences): `clean_confidence` (mean I), `noisy_confidence` (mean I~),
@@ -36,7 +36,10 @@ from pathlib import Path
 import torch
 
 import data
+import loader
+import records
 from confidence_kernel import token_confidence
+from methods import has_pictures
 from nrca import answer_positions, sample_confidences, to_grid
 
 DEFAULT_DELTAS = (0.5,)  # the paper's delta (Sec. 4.1)
@@ -51,17 +54,16 @@ def check_deltas(deltas) -> None:
 
 
 @torch.no_grad()
-def confidence_gap(mllm, records: list[dict], image_folder, deltas=DEFAULT_DELTAS, batch_size: int = 16,
-                   max_length: int = 2048, min_open_tokens: int = 3, noise_stats: str = "image",
-                   noise_seed: int = NOISE_SEED, progress: bool = True) -> dict:
+def confidence_gap(mllm, dataset, deltas=DEFAULT_DELTAS, batch_size: int = 16, min_open_tokens: int = 3,
+                   noise_stats: str = "image", noise_seed: int = NOISE_SEED, progress: bool = True) -> dict:
     """{delta: {"clean_confidence", "noisy_confidence", "share_noisy_above_clean", "n_open", "n_records"}} over the
-    open-response samples of `records` (data.py's training records of one task). Confidences are means of the
-    per-sample I and I~ of Eq. (4); None where no sample is open."""
+    open-response samples of `dataset` (training samples of one file: loader.LazySamples, or an eager
+    mllm.dataset). Confidences are means of the per-sample I and I~ of Eq. (4); None where no sample is open. A
+    text-only sample has no noisy view: it is never open here, as in NRCA (nrca.py, has_image)."""
     from methods import model_forward
     from noise import noisy_pixel_values
 
     check_deltas(deltas)
-    dataset = mllm.dataset(records, image_folder, max_length)
     forward = model_forward(mllm.model)
     mllm.model.eval()
     sums = {delta: {"clean": 0.0, "noisy": 0.0, "above": 0, "n_open": 0} for delta in deltas}
@@ -73,6 +75,8 @@ def confidence_gap(mllm, records: list[dict], image_folder, deltas=DEFAULT_DELTA
     for start in starts:
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         batch = data.to_device(mllm.collate(items), mllm.device)
+        if not has_pictures(batch):  # text-only samples alone: nothing to measure
+            continue
         logits_mask, targets = answer_positions(batch["labels"])  # (B, T), (N,)
         clean_logits = forward(batch["attention_mask"], logits_mask, input_ids=batch["input_ids"],
                                pixel_values=batch["pixel_values"])  # (N, V)
@@ -86,6 +90,8 @@ def confidence_gap(mllm, records: list[dict], image_folder, deltas=DEFAULT_DELTA
                                    pixel_values=noisy_pixels)  # (N, V)
             noisy = to_grid(token_confidence(noisy_logits.float(), targets)[0], logits_mask)  # (B, T) p~_t
             clean_mean, noisy_mean, is_open = sample_confidences(clean, noisy, logits_mask, min_open_tokens)
+            if "has_image" in batch:
+                is_open = is_open & batch["has_image"]
             total = sums[delta]
             total["clean"] += float(clean_mean[is_open].sum())
             total["noisy"] += float(noisy_mean[is_open].sum())
@@ -107,9 +113,11 @@ def measure(mllm, sources: list[tuple[str, str, str]], image_folder, deltas=DEFA
     are (task, name, path) as train.py's --train."""
     tasks = {}
     for task, name, path in sources:
-        records = data.mix_datasets([data.Source(name=name, path=path, task=task)], samples_per_dataset=limit,
-                                    seed=0)
-        gaps = confidence_gap(mllm, records, image_folder, deltas, batch_size=batch_size, progress=progress)
+        check = loader.vicuna_length_check(mllm, 2048) if mllm.kind != "hf" else None
+        store = records.mix([(task, name, path)], limit, seed=0, forbidden=records.special_tokens(mllm.tokenizer),
+                            check=check)  # drawn as train.py draws them
+        gaps = confidence_gap(mllm, loader.LazySamples(store, image_folder, mllm, 2048), deltas,
+                              batch_size=batch_size, progress=progress)
         tasks[name] = {"task": task, "path": str(path), "deltas": {f"{delta:g}": row for delta, row in gaps.items()}}
     return {"deltas": [float(d) for d in deltas], "limit": limit, "noise_seed": NOISE_SEED, "tasks": tasks}
 

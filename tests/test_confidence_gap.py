@@ -52,9 +52,8 @@ def test_gap_share_counted_by_hand(tiny, synthetic_data_dir):
 
     records = data.mix_datasets([data.Source("c", str(synthetic_data_dir / "train_caption.json"), "caption")],
                                 samples_per_dataset=8, seed=0)
-    gap = confidence_gap.confidence_gap(tiny, records, synthetic_data_dir, deltas=(0.7,), batch_size=8,
-                                        progress=False)[0.7]
     dataset = tiny.dataset(records, synthetic_data_dir, 2048)
+    gap = confidence_gap.confidence_gap(tiny, dataset, deltas=(0.7,), batch_size=8, progress=False)[0.7]
     batch = tiny.collate([dataset[i] for i in range(len(dataset))])
     generator = torch.Generator().manual_seed(confidence_gap.NOISE_SEED * 1_000_003 + 0)  # the tool's first batch
     from noise import noisy_pixel_values
@@ -115,3 +114,21 @@ def test_base_noise_dial_flag_and_gates_report():
     enforced = testbed.format_gates(rows, {"sees"})
     assert "PASS  sees" in enforced and "not met (reported, not required" in enforced
     assert "FAIL  noisy view" in testbed.format_gates(rows)
+
+
+def test_gap_on_open_records_leaves_text_only_out(tiny, synthetic_data_dir, tmp_path):
+    """An `open` file (prompts as written) with text-only records: those have no noisy view, so they are not counted
+    as open samples (as NRCA gives them CE only); the records with a picture are."""
+    import json
+
+    records = [{"id": f"i{i}", "image": f"images/train_{i:05d}.png", "conversations": [
+        {"from": "human", "value": "<image>\nDescribe the picture."},
+        {"from": "gpt", "value": "there are two small red circles on the left"}]} for i in range(4)]
+    records += [{"id": f"t{i}", "conversations": [{"from": "human", "value": "Name three colours."},
+                                                  {"from": "gpt", "value": "red, green and blue"}]} for i in range(2)]
+    path = tmp_path / "open.json"
+    path.write_text(json.dumps(records))
+    result = confidence_gap.measure(tiny, [("open", "o", str(path))], synthetic_data_dir, limit=10, batch_size=3,
+                                    progress=False)
+    row = result["tasks"]["o"]["deltas"]["0.5"]
+    assert row["n_open"] == 4 and row["n_records"] == 6
