@@ -20,7 +20,8 @@ records, multi-task mixing, image loading, collation, and the synthetic embedded
   `pad_to_square` below) or VILA's straight resize.
 - Batches (`collate`) for both kinds of model (models.py): (B, C, H, W) pixels, or a transformers processor's
   dict of image tensors (`merge_images`: packed patches concatenated, tiles zero-padded); right-padded for
-  training, left-padded prompts for generation. `usable_records` is the eager check every training dataset runs.
+  training, left-padded prompts for generation; text-only samples (pixel_values None) add `has_image`.
+  `usable_records` is the check every eager dataset runs (train.py loads lazily: records.py, loader.py).
 - Bad input (missing/unreadable image, malformed JSON, no answer turn, prompt longer than max_length)
   raises `DataError` / `FileNotFoundError` naming the file, the record id and the problem;
   `skip_bad_records=True` turns record-level errors into skips that are logged one by one and kept in
