@@ -37,7 +37,6 @@ import torch
 
 import data
 import loader
-import records
 from confidence_kernel import token_confidence
 from methods import has_pictures
 from nrca import answer_positions, sample_confidences, to_grid
@@ -45,6 +44,7 @@ from nrca import answer_positions, sample_confidences, to_grid
 DEFAULT_DELTAS = (0.5,)  # the paper's delta (Sec. 4.1)
 DEFAULT_LIMIT = 500  # records per training file: the testbed's whole fine-tuning mix (k = 500 per task)
 NOISE_SEED = 0
+MAX_LENGTH = 2048  # train.py's default --max-length
 
 
 def check_deltas(deltas) -> None:
@@ -113,10 +113,8 @@ def measure(mllm, sources: list[tuple[str, str, str]], image_folder, deltas=DEFA
     are (task, name, path) as train.py's --train."""
     tasks = {}
     for task, name, path in sources:
-        check = loader.vicuna_length_check(mllm, 2048) if mllm.kind != "hf" else None
-        store = records.mix([(task, name, path)], limit, seed=0, forbidden=records.special_tokens(mllm.tokenizer),
-                            check=check)  # drawn as train.py draws them
-        gaps = confidence_gap(mllm, loader.LazySamples(store, image_folder, mllm, 2048), deltas,
+        store = loader.checked_mix(mllm, [(task, name, path)], limit, 0, MAX_LENGTH)  # drawn as train.py draws them
+        gaps = confidence_gap(mllm, loader.LazySamples(store, image_folder, mllm, MAX_LENGTH), deltas,
                               batch_size=batch_size, progress=progress)
         tasks[name] = {"task": task, "path": str(path), "deltas": {f"{delta:g}": row for delta, row in gaps.items()}}
     return {"deltas": [float(d) for d in deltas], "limit": limit, "noise_seed": NOISE_SEED, "tasks": tasks}

@@ -204,6 +204,11 @@ def assemble_conversation(pieces, num_image_tokens: int, image_token_id: int, ma
     return assemble_turns(prefix, [(suffix, answer_ids)], num_image_tokens, image_token_id, max_length, where)
 
 
+def is_truncated(input_ids, pieces, num_image_tokens: int) -> bool:
+    """Whether `assemble_turns` cut a conversation: its ids are fewer than (prefix, rounds) `pieces` hold."""
+    return len(input_ids) < len(pieces[0]) + num_image_tokens + sum(len(p) + len(a) for p, a in pieces[1])
+
+
 def tokenize_conversation(question: str, answer: str, tokenizer, num_image_tokens: int, image_token_id: int,
                           max_length: int, where: str = "conversation"):
     """vicuna_v1 ids of one turn: (input_ids (T,), labels (T,)); labels are -100 except answer + </s>.
@@ -346,6 +351,12 @@ def with_choice_suffix(question: str) -> str:
     return question if question.endswith(CHOICE_SUFFIX) else f"{question}\n{CHOICE_SUFFIX}"
 
 
+def paper_question(task: str, question: str, rng: random.Random) -> str:
+    """A single-turn record's prompt as the paper writes it (Sec. 4.1): a caption record gets one of the five
+    CAPTION_PROMPTS (drawn from `rng`), a choice question the CHOICE_SUFFIX."""
+    return rng.choice(CAPTION_PROMPTS) if task == "caption" else with_choice_suffix(question)
+
+
 def draw(n: int, k: int | None, rng: random.Random, name: str) -> list[int]:
     """k of n record indices without replacement, in draw order (all of them shuffled, logged, when n <= k; k = None
     asks for all, not logged). The one draw of the mix: records.mix (lazy) and mix_datasets (eager) share it."""
@@ -400,10 +411,7 @@ def mix_datasets(sources, samples_per_dataset: int = 10_000, seed: int = 0, skip
                 mixed.append({**record, "image": image, "question": question, "answer": answer, "task": source.task,
                               "source": source.name})
                 continue
-            if source.task == "caption":
-                question = rng.choice(CAPTION_PROMPTS)
-            else:
-                question = with_choice_suffix(question)
+            question = paper_question(source.task, question, rng)
             mixed.append({**record, "image": image, "question": question, "answer": answer, "task": source.task,
                           "source": source.name,
                           "conversations": [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}"},
@@ -489,8 +497,7 @@ class MultiTaskDataset(torch.utils.data.Dataset):
             turns = conversation_turns(record, where)
             pieces = encode_turns(turns, tokenizer, where)
             input_ids, _ = assemble_turns(*pieces, num_image_tokens, image_token_id, max_length, where)
-            full_length = len(pieces[0]) + num_image_tokens + sum(len(p) + len(a) for p, a in pieces[1])
-            return turns[0], pieces, len(input_ids) < full_length
+            return turns[0], pieces, is_truncated(input_ids, pieces, num_image_tokens)
 
         self.records, prepared, self.skipped = usable_records(records, self.image_folder, tokenize, skip_bad_records)
         self.records = [{**record, "question": question, "answer": answer}

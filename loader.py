@@ -31,14 +31,10 @@ from pathlib import Path
 
 import torch
 
-from data import IGNORE_INDEX, SYSTEM_PROMPT, DataError, assemble_turns, encode_turns, open_image
+import records
+from data import IGNORE_INDEX, SYSTEM_PROMPT, DataError, assemble_turns, encode_turns, is_truncated, open_image
 
 log = logging.getLogger("nrca.loader")
-
-
-def record_where(record: dict) -> str:
-    """How a loaded record is named: its dataset, its index in that file and its id."""
-    return f"{record['source']}: record {record['index']} (id {record['id']!r})"
 
 
 class LazySamples(torch.utils.data.Dataset):
@@ -61,7 +57,7 @@ class LazySamples(torch.utils.data.Dataset):
     def sample(self, index: int) -> dict:
         """Record `index` as a sample; DataError / FileNotFoundError naming it when it cannot be made."""
         record = self.store[index]
-        where = record_where(record)
+        where = records.record_where(record)
         images = [open_image(self.image_folder / path, where) for path in record["image"]]
         turns = [tuple(turn) for turn in record["turns"]]
         encoded = self.mllm.encode_record(images, turns, self.max_length, where)
@@ -93,6 +89,15 @@ class LazySamples(torch.utils.data.Dataset):
         raise DataError(f"no record of the training mix loads (the last tried: {index})")
 
 
+def checked_mix(mllm, sources, samples_per_dataset: int | None, seed: int, max_length: int,
+                skip_bad_records: bool = False, skipped=None):
+    """records.mix with what this model's tokenizer rules out: its special tokens in the text, and on LLaVA-1.5 /
+    VILA1.5 a record too long for max_length (vicuna_length_check)."""
+    check = vicuna_length_check(mllm, max_length) if mllm.kind != "hf" else None
+    return records.mix(sources, samples_per_dataset, seed, skip_bad_records, skipped,
+                       records.special_tokens(mllm.tokenizer), check)
+
+
 def vicuna_length_check(mllm, max_length: int):
     """A `check(images, turns, where)` for records.mix on LLaVA-1.5 / VILA1.5: DataError when the first prompt
     leaves no room for an answer token (data.assemble_turns' rule), else whether the record will be truncated.
@@ -112,8 +117,7 @@ def vicuna_length_check(mllm, max_length: int):
             return False
         pieces = encode_turns(turns, tokenizer, where, image=bool(images))
         input_ids, _ = assemble_turns(*pieces, image_tokens, mllm.image_token_id, max_length, where)
-        full = len(pieces[0]) + image_tokens + sum(len(p) + len(a) for p, a in pieces[1])
-        return len(input_ids) < full
+        return is_truncated(input_ids, pieces, image_tokens)
 
     return check
 

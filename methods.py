@@ -207,7 +207,7 @@ class NoisyAugmentedPretraining(Method):
 def has_pictures(batch) -> bool:
     """Whether any sample of the batch has a picture (data.collate: `has_image` is there when some have none; a
     generic family's batch of text-only samples keeps its token-aligned extras in pixel_values)."""
-    return batch["pixel_values"] is not None and bool(batch.get("has_image", torch.ones(1, dtype=torch.bool)).any())
+    return batch["pixel_values"] is not None and ("has_image" not in batch or bool(batch["has_image"].any()))
 
 
 def cat_images(clean, noisy):

@@ -46,13 +46,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data import (
-    CAPTION_PROMPTS,
     IMAGE_PLACEHOLDER,
     DataError,
     conversation_turns,
     draw,
     open_image,
-    with_choice_suffix,
+    paper_question,
 )
 
 KINDS = ("caption", "choice", "open")  # --train KIND:NAME=PATH
@@ -79,7 +78,7 @@ def iter_records(path) -> iter:
         yield from _iter_json_lines(path, first)
 
 
-def _decode(raw: bytes, path: Path, offset: int = 0, line_offset: int = 0) -> str:
+def _decode(raw: bytes, path: Path, line_offset: int = 0) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -260,16 +259,13 @@ def reason_of(message: str) -> str:
     return text[:100]
 
 
-def special_tokens(tokenizer, extra=()) -> tuple[str, ...]:
+def special_tokens(tokenizer) -> tuple[str, ...]:
     """The special-token texts a record may not contain: the tokenizer's own (bos, eos, pad, unk, added control
-    tokens such as <|image_pad|> or <|im_end|>) and `extra`, longest first; the image placeholder is allowed."""
-    if tokenizer is None:
-        return tuple(extra)
+    tokens such as <|image_pad|> or <|im_end|>), longest first; the image placeholder is allowed."""
     names = set(getattr(tokenizer, "all_special_tokens", []) or [])
     for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
         if getattr(token, "special", False):
             names.add(str(token))
-    names |= set(extra)
     names.discard(IMAGE_PLACEHOLDER)
     return tuple(sorted((n for n in names if n), key=len, reverse=True))
 
@@ -352,10 +348,9 @@ def mix(sources, samples_per_dataset: int | None = 10_000, seed: int = 0, skip_b
         rng = random.Random(f"{seed}/{name}")  # as data.mix_datasets
         for index in draw(len(store), samples_per_dataset, rng, f"dataset {name} ({path})"):
             record = store[index]
-            question = record["turns"][0][0]
             if len(record["turns"]) == 1 and len(record["image"]) == 1 and task != "open":
-                question = rng.choice(CAPTION_PROMPTS) if task == "caption" else with_choice_suffix(question)
-                record["turns"] = [(question, record["turns"][0][1])]
+                (question, answer), = record["turns"]
+                record["turns"] = [(paper_question(task, question, rng), answer)]
             if check is not None:
                 try:
                     out.n_truncated += check(record["image"], record["turns"],
@@ -372,6 +367,20 @@ def mix(sources, samples_per_dataset: int | None = 10_000, seed: int = 0, skip_b
     return out
 
 
+def record_where(record: dict) -> str:
+    """How a stored record is named: its dataset, its index in that file and its id."""
+    return f"{record['source']}: record {record['index']} (id {record['id']!r})"
+
+
+def check_image(path: Path, where: str, size_error=None) -> None:
+    """An image's header opens (data.open_image) and, with `size_error(width, height)` (the processor's own rule,
+    HFMLLM.image_size_error), its size is one the processor takes; DataError / FileNotFoundError naming `where`."""
+    width, height = open_image(path, where, header_only=True)
+    problem = size_error(width, height) if size_error else None
+    if problem:
+        raise DataError(f"{where}: image {path} ({width} x {height}): {problem}")
+
+
 _IMAGE_CHECK = None  # (store, folder, size_error) for check_images' forked worker processes
 
 
@@ -379,13 +388,9 @@ def _check_record_images(index: int) -> str | None:
     """Why record `index`'s images fail --check-images, or None (runs in a forked worker: reads _IMAGE_CHECK)."""
     store, folder, size_error = _IMAGE_CHECK
     record = store[index]
-    where = f"{record['source']}: record {record['index']} (id {record['id']!r})"
     try:
         for image in record["image"]:
-            width, height = open_image(folder / image, where, header_only=True)
-            problem = size_error(width, height) if size_error else None
-            if problem:
-                return f"{where}: image {folder / image} ({width} x {height}): {problem}"
+            check_image(folder / image, record_where(record), size_error)
     except (DataError, FileNotFoundError) as error:
         return str(error)
     return None

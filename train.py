@@ -509,14 +509,10 @@ def check_test_splits(cfg: TrainConfig, world: int, size_error=None) -> None:
 
     for spec in cfg.test:
         task, name, path = evaluate.parse_test_spec(spec)
-        records = evaluate.load_test_split(path, task)
+        test_records = evaluate.load_test_split(path, task)
         folder = Path(cfg.image_folder) if cfg.image_folder else Path(path).parent  # as evaluate_model
-        for record in records[:cfg.eval_limit or None]:
-            where = f"--test {task}:{name} record {record['id']!r}"
-            width, height = data.open_image(folder / record["image"], where, header_only=True)
-            problem = size_error(width, height) if size_error else None
-            if problem:
-                raise data.DataError(f"{where}: image {folder / record['image']} ({width} x {height}): {problem}")
+        for record in test_records[:cfg.eval_limit or None]:
+            records.check_image(folder / record["image"], f"--test {task}:{name} record {record['id']!r}", size_error)
 
 
 def build_dataset(cfg: TrainConfig, mllm, rank: int, world: int) -> loader.LazySamples:
@@ -534,10 +530,8 @@ def build_dataset(cfg: TrainConfig, mllm, rank: int, world: int) -> loader.LazyS
             dist.barrier()
         image_folder = cfg.image_folder or str(root)
     skipped = records.Skipped()
-    check = loader.vicuna_length_check(mllm, cfg.max_length) if mllm.kind != "hf" else None
     k = None if cfg.samples_per_dataset == -1 else cfg.samples_per_dataset  # --samples-per-dataset all
-    store = records.mix(sources, k, cfg.seed, cfg.skip_bad_records, skipped, records.special_tokens(mllm.tokenizer),
-                        check)
+    store = loader.checked_mix(mllm, sources, k, cfg.seed, cfg.max_length, cfg.skip_bad_records, skipped)
     if cfg.check_images:
         store = records.check_images(store, image_folder, cfg.skip_bad_records, skipped,
                                      size_error=getattr(mllm, "image_size_error", None))

@@ -111,8 +111,7 @@ def test_lazy_samples_equal_eager(model, synthetic_data_dir, tmp_path):
     mix = sources(synthetic_data_dir) + [("caption", "multi", str(multi))]
     eager = mllm.dataset(data.mix_datasets([data.Source(n, p, t) for t, n, p in mix], samples_per_dataset=5, seed=3),
                          synthetic_data_dir, max_length=256)
-    check = loader.vicuna_length_check(mllm, 256) if mllm.kind != "hf" else None
-    store = records.mix(mix, 5, seed=3, forbidden=records.special_tokens(mllm.tokenizer), check=check)
+    store = loader.checked_mix(mllm, mix, 5, seed=3, max_length=256)
     lazy = loader.LazySamples(store, synthetic_data_dir, mllm, 256)
     assert len(lazy) == len(eager) == 13
     for i in range(len(eager)):
