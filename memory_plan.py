@@ -24,13 +24,13 @@ needs only its config.json (a transformers LLaVA folder, or VILA1.5's config.jso
 config.json files or the top-level llm_cfg / vision_tower_cfg). No weight file is opened.
 
 With --lora-rank R (lora.py) the last N layers are frozen weights in the load dtype and the trainable tensors
-are the connector and R (in + out) per linear layer of those layers; `--plan` prints the plan of partial
-fine-tuning beside it.
+are the connector and R (in + out) per adapted linear layer of those layers (every one, or those named by
+--lora-targets); `--plan` prints the plan of partial fine-tuning beside it.
 
 Not counted: the CUDA context and allocator fragmentation (about 0.5-1 GB on a real GPU; `fits` keeps
-`RESERVE_GIB` free for them), optimizer/method state of counterparts other than Full FT and NRCA, and
-memory of the data loader; --lora-targets (every linear layer of the adapted layers is counted) and
---lora-dropout's kept masks. bench/bench_step.py prints this estimate beside each measured peak.
+`RESERVE_GIB` free for them), optimizer/method state of counterparts other than Full FT and NRCA, memory
+of the data loader, and --lora-dropout's kept masks. bench/bench_step.py prints this estimate beside each
+measured peak.
 
 Run:
     python train.py --plan --gpu-memory 24 --plan-ranks 8 --preset llava --model /ckpt/llava-1.5-7b-hf --fsdp
@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
+import lora
 import models
 
 GIB = 2**30
@@ -68,6 +69,7 @@ class RunShape:
     tune_last_layers: int = 2
     lora_rank: int = 0  # > 0: those layers frozen, LoRA of this rank on their linear layers (lora.py)
     lora_connector: bool = False  # LoRA on the connector's linear layers instead of training it in full
+    lora_targets: str = ""  # --lora-targets: names of the adapted linear layers ('' = every one of those layers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,32 +130,39 @@ def _sub_config(folder: str, config: dict, sub: str, key: str) -> dict:
 # Bytes.
 # ---------------------------------------------------------------------------------------------
 def parameter_counts(mllm: models.MLLM, tune_last_layers: int, lora_rank: int = 0,
-                     lora_connector: bool = False) -> dict:
+                     lora_connector: bool = False, lora_targets: str = "") -> dict:
     """Parameter counts: trainable (connector + last N layers), frozen ones that FSDP shards (decoder layers,
     vision-tower layers), frozen ones every rank keeps whole (embeddings, lm_head, norms), the largest unit.
     With `lora_rank` R the last N layers are frozen (sharded) and trainable are the connector and R (in + out)
-    per linear layer of those layers (`lora_layer`: one layer's), or of the connector with `lora_connector`."""
+    per adapted linear layer of those layers (`lora_layer`: one layer's; `lora_targets` as lora.target_modules
+    reads --lora-targets), or of the connector with `lora_connector`; `lora_projections`: the own names of one
+    layer's adapted linear layers."""
     layers = mllm.decoder_layers
     n_trainable_layers = len(layers) if tune_last_layers < 0 else tune_last_layers
     count = lambda module: sum(p.numel() for p in module.parameters())
+    adapted = set(lora.target_modules(mllm, n_trainable_layers, lora_targets, lora_connector)) if lora_rank else set()
+    path = {id(module): name for name, module in mllm.model.named_modules()}
     adapter = lambda module: sum(lora_rank * (m.in_features + m.out_features) for m in module.modules()
-                                 if isinstance(m, torch.nn.Linear))
+                                 if path[id(m)] in adapted)
     trainable_layers = list(layers)[len(layers) - n_trainable_layers:]
     frozen_layers = list(layers)[:len(layers) - n_trainable_layers]
     vision_layers = _vision_layers(mllm)
     sharded = sum(count(layer) for layer in frozen_layers) + sum(count(layer) for layer in vision_layers)
     if lora_rank:
-        lora = sum(adapter(layer) for layer in trainable_layers) + (adapter(mllm.connector) if lora_connector else 0)
-        trainable = lora + (0 if lora_connector else count(mllm.connector))
+        adapters = sum(adapter(layer) for layer in trainable_layers)
+        adapters += adapter(mllm.connector) if lora_connector else 0
+        trainable = adapters + (0 if lora_connector else count(mllm.connector))
         sharded += sum(count(layer) for layer in trainable_layers)
     else:
-        lora = 0
+        adapters = 0
         trainable = count(mllm.connector) + sum(count(layer) for layer in trainable_layers)
-    total = count(mllm.model) + lora
+    total = count(mllm.model) + adapters
     units = [count(layer) for layer in layers] + [count(layer) for layer in vision_layers]
     return {"trainable": trainable, "frozen_sharded": sharded, "frozen_whole": total - trainable - sharded,
             "total": total, "largest_unit": max(units), "trainable_layer": count(layers[-1]),
             "lora_layer": adapter(layers[-1]) if lora_rank else 0,
+            "lora_projections": sorted(name.rsplit(".", 1)[-1] for name, module in layers[-1].named_modules()
+                                       if path[id(module)] in adapted),
             "n_layers": len(layers), "n_trainable_layers": n_trainable_layers}
 
 
@@ -162,8 +171,11 @@ def _vision_layers(mllm: models.MLLM):
     return getattr(tower, "vision_model", tower).encoder.layers  # older transformers nest a vision_model
 
 
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 def decoder_layer_bytes(config, tokens: int, bf16: bool, trainable: bool, lora_rank: int = 0,
-                        lora_weights: int = 0) -> int:
+                        lora_weights: int = 0, lora_projections=LLAMA_PROJECTIONS) -> int:
     """Bytes autograd keeps for one Llama decoder layer over `tokens` tokens (transformers' LlamaDecoderLayer,
     SDPA attention). a = 2 (bf16 autocast) or 4 (fp32) bytes per activation element.
 
@@ -173,24 +185,31 @@ def decoder_layer_bytes(config, tokens: int, bf16: bool, trainable: bool, lora_r
       the MLP keeps gate, silu(gate) and up (3 I a).
     trainable layer, in addition: each RMSNorm's normalised output and the Linear's input (2 x 2H a), the
       down projection's input (I a) and, under autocast, bf16 copies of its fp32 weights (2 bytes a weight).
-    LoRA layer (`lora_rank` R > 0, `trainable`): the Linears' inputs (2 x H a after the two norms, I a for
-      down; A's gradient needs them; dropout 0) but not the norms' outputs (their weights are frozen), each of
-      the 7 projections' A x (R a; B's gradient needs it) and bf16 copies of the `lora_weights` adapter weights
-      only (the frozen weights are bf16 already). With --lora-dropout > 0 each projection keeps its own dropped
-      input as well (not counted).
+    LoRA layer (`lora_rank` R > 0, `trainable`, adapters on `lora_projections`): the adapted Linears' inputs,
+      which A's gradient needs (dropout 0), each projection's A x (R a; B's gradient needs it) and bf16 copies
+      of the `lora_weights` adapter weights only (the frozen weights are bf16 already). In fp32 the inputs are
+      shared: H a after the first norm if q, k or v is adapted, H a after the second if gate or up is, I a if
+      down is (o's input, the attention output, is kept anyway). Under bf16 autocast each adapted projection
+      keeps a copy of its own (peft casts the input to the fp32 adapter's dtype, autocast back to bf16): in
+      features x a each. With --lora-dropout > 0 each projection keeps its own dropped input as well (not
+      counted).
     """
     H, I = config.hidden_size, config.intermediate_size
     heads = config.num_attention_heads
     kv = (config.num_key_value_heads or heads) * (getattr(config, "head_dim", None) or H // heads)
     a = 2 if bf16 else 4
     per_token = 8 * H + 8 + (2 * H + 2 * kv) * a + 4 * heads + 3 * I * a
-    if trainable:
-        per_token += (2 if lora_rank else 4) * H * a + I * a
+    adapted = set(lora_projections)
+    if trainable and not lora_rank:
+        per_token += 4 * H * a + I * a
+    if trainable and lora_rank and bf16:
+        per_token += (H * len(adapted - {"down_proj"}) + I * ("down_proj" in adapted) + len(adapted) * lora_rank) * a
+    if trainable and lora_rank and not bf16:
+        per_token += (H * bool(adapted & {"q_proj", "k_proj", "v_proj"}) + H * bool(adapted & {"gate_proj", "up_proj"})
+                      + I * ("down_proj" in adapted) + len(adapted) * lora_rank) * a
     weights = 0
     if trainable and bf16:
         weights = 2 * (lora_weights if lora_rank else 2 * H * H + 2 * H * kv + 3 * H * I)
-    if trainable and lora_rank:
-        per_token += 7 * lora_rank * a
     return tokens * per_token + weights
 
 
@@ -199,7 +218,7 @@ def estimate(mllm: models.MLLM, run: RunShape) -> dict:
     if run.method not in ("full", "nrca"):
         raise ValueError(f"memory plan: --method {run.method!r}: the planner covers full and nrca")
     text = mllm.language_model.config
-    counts = parameter_counts(mllm, run.tune_last_layers, run.lora_rank, run.lora_connector)
+    counts = parameter_counts(mllm, run.tune_last_layers, run.lora_rank, run.lora_connector, run.lora_targets)
     ranks = run.ranks
     shard = ranks if (run.fsdp and ranks > 1) else 1
     weight_bytes = 2 if run.bf16 else 4
@@ -221,7 +240,8 @@ def estimate(mllm: models.MLLM, run: RunShape) -> dict:
     n_frozen = counts["n_layers"] - counts["n_trainable_layers"]
     frozen_layer = decoder_layer_bytes(text, tokens, run.bf16, trainable=False)
     trainable_layer = decoder_layer_bytes(text, tokens, run.bf16, trainable=True, lora_rank=run.lora_rank,
-                                          lora_weights=counts["lora_layer"])
+                                          lora_weights=counts["lora_layer"],
+                                          lora_projections=counts["lora_projections"])
     connector = _connector_bytes(mllm, sequences, a)
     final_norm = tokens * (4 * text.hidden_size + 4)
     # A padded batch gets a (S, 1, T, T) attention mask, which SDPA keeps per layer in the activation dtype
@@ -334,8 +354,9 @@ def print_plan(cfg, gpu_memory_gib: float, ranks: int) -> dict:
     run = RunShape(method=cfg.method, nrca_impl=cfg.nrca_impl, micro_batch=cfg.micro_batch_size,
                    text_tokens=cfg.plan_text_tokens, answer_tokens=min(cfg.plan_answer_tokens, cfg.plan_text_tokens),
                    ranks=ranks, fsdp=cfg.fsdp, activation_checkpointing=cfg.activation_checkpointing, bf16=bf16,
-                   tune_last_layers=cfg.tune_last_layers, lora_rank=cfg.lora_rank, lora_connector=cfg.lora_connector)
-    counts = parameter_counts(mllm, cfg.tune_last_layers, cfg.lora_rank, cfg.lora_connector)
+                   tune_last_layers=cfg.tune_last_layers, lora_rank=cfg.lora_rank, lora_connector=cfg.lora_connector,
+                   lora_targets=cfg.lora_targets)
+    counts = parameter_counts(mllm, cfg.tune_last_layers, cfg.lora_rank, cfg.lora_connector, cfg.lora_targets)
     adapted = (f", LoRA rank {cfg.lora_rank} on the last {cfg.tune_last_layers} layers"
                + (" and the connector" if cfg.lora_connector else "")) if cfg.lora_rank else ""
     title = (f"{cfg.method} ({cfg.nrca_impl if cfg.method == 'nrca' else 'plain CE'}{adapted}) on {cfg.model}: "
@@ -346,7 +367,7 @@ def print_plan(cfg, gpu_memory_gib: float, ranks: int) -> dict:
     print(format_plan(mllm, run, gpu_memory_gib, cfg.batch_size, title))
     parts = estimate(mllm, run)
     if cfg.lora_rank:  # beside it: the same run with those layers (and the connector) trained in full, Sec. 3.1
-        partial = estimate(mllm, _replace(run, lora_rank=0, lora_connector=False))
+        partial = estimate(mllm, _replace(run, lora_rank=0, lora_connector=False, lora_targets=""))
         print(f"\nthe same run, partial fine-tuning (no --lora-rank): peak {peak_bytes(partial, False) / GIB:.2f} GiB "
               f"without checkpointing, {peak_bytes(partial, True) / GIB:.2f} GiB with; LoRA: "
               f"{peak_bytes(parts, False) / GIB:.2f} / {peak_bytes(parts, True) / GIB:.2f} GiB")

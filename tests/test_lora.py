@@ -269,8 +269,15 @@ def test_planner_counts_lora():
     connector = sum(p.numel() for p in mllm.connector.parameters())
     assert low["trainable"] == connector + 2 * per_layer
     assert low["total"] == full["total"] + 2 * per_layer
+    attention = memory_plan.parameter_counts(mllm, 2, lora_rank=4, lora_targets="q_proj,v_proj")  # --lora-targets
+    assert attention["trainable"] == connector + 2 * 4 * ((H + H) + (H + kv))
+    assert attention["lora_projections"] == ["q_proj", "v_proj"]
+    with pytest.raises(ValueError, match="qproj"):
+        memory_plan.parameter_counts(mllm, 2, lora_rank=4, lora_targets="qproj")
     run = dict(method="nrca", micro_batch=2, bf16=False)
     partial = memory_plan.estimate(mllm, memory_plan.RunShape(**run))
     adapted = memory_plan.estimate(mllm, memory_plan.RunShape(**run, lora_rank=4))
     assert adapted["AdamW state (fp32)"] < partial["AdamW state (fp32)"]
     assert memory_plan.peak_bytes(adapted, False) < memory_plan.peak_bytes(partial, False)
+    fewer = memory_plan.estimate(mllm, memory_plan.RunShape(**run, lora_rank=4, lora_targets="q_proj,v_proj"))
+    assert memory_plan.peak_bytes(fewer, False) < memory_plan.peak_bytes(adapted, False)

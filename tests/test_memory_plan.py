@@ -85,14 +85,24 @@ def test_bytes_follow_the_counts_and_fsdp_divides_the_sharded_part(tmp_path):
     assert one["activations, checkpointed"] < 0.5 * one["activations"]
 
 
-def _saved_bytes(layer_config, tokens_per_sequence, bf16, trainable):
-    """What autograd keeps for one LlamaDecoderLayer (inputs that need a gradient), parameters excluded."""
+def _saved_bytes(layer_config, tokens_per_sequence, bf16, trainable, lora_targets=None, lora_rank=4):
+    """What autograd keeps for one LlamaDecoderLayer (inputs that need a gradient), parameters excluded. With
+    `lora_targets` (a list of projection names) the layer is frozen and those projections get a peft LoRA of
+    rank `lora_rank`, as lora.add_adapters and train.py set it up (adapter in fp32, dropout 0)."""
     torch.manual_seed(0)
     layer_config._attn_implementation = "sdpa"
     layer = LlamaDecoderLayer(layer_config, 0)
-    if bf16 and not trainable:
-        layer = layer.to(torch.bfloat16)  # frozen layers are loaded in bf16, trainable ones are fp32 masters
-    layer.requires_grad_(trainable)
+    if bf16 and (not trainable or lora_targets):
+        layer = layer.to(torch.bfloat16)  # frozen weights are loaded in bf16, trainable ones are fp32 masters
+    layer.requires_grad_(trainable and not lora_targets)
+    if lora_targets:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                                           target_modules=lora_targets), layer)
+        for name, p in layer.named_parameters():
+            if ".lora_" in name:
+                p.data = p.data.float()  # train.py's fp32 masters for what trains
     params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     x = torch.randn(2, tokens_per_sequence, layer_config.hidden_size, requires_grad=True)
     position_ids = torch.arange(tokens_per_sequence)[None]
@@ -123,6 +133,23 @@ def test_decoder_layer_formula_matches_what_autograd_keeps(bf16, trainable, tole
     measured = _saved_bytes(layer_config, tokens, bf16, trainable)
     planned = memory_plan.decoder_layer_bytes(layer_config, 2 * tokens, bf16, trainable)
     assert abs(planned - measured) <= tolerance * measured, (planned, measured)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("targets", [list(memory_plan.LLAMA_PROJECTIONS), ["q_proj", "v_proj"], ["o_proj"],
+                                     ["k_proj"], ["gate_proj", "up_proj"], ["down_proj"]], ids=",".join)
+def test_lora_layer_formula_matches_what_autograd_keeps(bf16, targets):
+    """--lora-targets: the kept inputs and A x of exactly the adapted projections (fp32 shares an input among
+    q, k and v; under bf16 autocast each adapted projection keeps a copy of its own)."""
+    layer_config = LlamaConfig(hidden_size=128, intermediate_size=344, num_attention_heads=2, num_key_value_heads=2)
+    tokens, rank = 96, 4
+    measured = _saved_bytes(layer_config, tokens, bf16, True, lora_targets=targets, lora_rank=rank)
+    linears = {name.rsplit(".", 1)[-1]: module for name, module in LlamaDecoderLayer(layer_config, 0).named_modules()
+               if isinstance(module, torch.nn.Linear)}
+    adapter_weights = sum(rank * (linears[name].in_features + linears[name].out_features) for name in targets)
+    planned = memory_plan.decoder_layer_bytes(layer_config, 2 * tokens, bf16, True, lora_rank=rank,
+                                              lora_weights=adapter_weights, lora_projections=targets)
+    assert planned == measured
 
 
 @pytest.fixture
