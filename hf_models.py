@@ -30,7 +30,8 @@ image_sizes, pixel_attention_mask, ...) and of its token-aligned extras (`mm_tok
 data.collate merges and methods.model_forward unpacks into the model call. A sample's image goes first in its first
 user turn; a text-only sample has none (`render`, n_images=0); several images (MULTI_IMAGE families, train.py's lazy
 path) go where the record's `<image>` placeholders are, each its own rows, so that Eq. (2) treats each image alone.
-`set_resolution` is train.py's --max-pixels / --min-pixels; `image_size_error` its --check-images rule.
+`set_resolution` is train.py's --max-pixels / --min-pixels; `image_size_error` and `image_tokens` (a picture's
+tokens from its size) its --check-images rules.
 
 Not here: videos, several images on Idefics3 / SmolVLM (one row holds every image's tiles), modality interference
 (needs `embed`),
@@ -327,23 +328,53 @@ class HFMLLM:
         text, pieces = self.conversation([(q, a.strip()) for q, a in turns], where)
         return self.encode_conversation(image, text, pieces, max_length, where)
 
+    @property
+    def dynamic_resolution(self) -> bool:
+        """Whether the processor sizes each picture by its own rule (`smart_resize`: Qwen2-VL, 2.5-VL, 3-VL), so
+        that a picture's header tells its number of image tokens (`image_tokens`) and whether it is refused."""
+        image_processor = self.processor.image_processor
+        return (self.model.config.model_type in DYNAMIC_RESOLUTION
+                and getattr(sys.modules[type(image_processor).__module__], "smart_resize", None) is not None)
+
+    def _resized(self, width: int, height: int) -> tuple[int, int]:
+        """(height, width) after the image processor's `smart_resize` (dynamic_resolution only); ValueError when
+        the processor refuses the picture."""
+        image_processor = self.processor.image_processor
+        smart_resize = sys.modules[type(image_processor).__module__].smart_resize
+        return smart_resize(height, width, factor=image_processor.patch_size * image_processor.merge_size,
+                            min_pixels=image_processor.size["shortest_edge"],
+                            max_pixels=image_processor.size["longest_edge"])
+
     def image_size_error(self, width: int, height: int) -> str | None:
         """Why the processor would refuse a picture of this size, by its own rule, or None: a dynamic-resolution
         family's `smart_resize` (Qwen2-VL: an aspect ratio over 200). train.py --check-images runs it on every
         image's header before step 1; other families resize anything."""
-        if self.model.config.model_type not in DYNAMIC_RESOLUTION:
+        if not self.dynamic_resolution:
+            return None
+        try:
+            self._resized(width, height)
+        except ValueError as error:
+            return f"the {type(self.processor.image_processor).__name__} refuses it: {error}"
+        return None
+
+    def image_tokens(self, width: int, height: int) -> int | None:
+        """The image tokens the processor makes of a picture of this size (dynamic_resolution: one per merge x merge
+        patches of the resized picture), or None where the size does not tell (other families)."""
+        if not self.dynamic_resolution:
             return None
         image_processor = self.processor.image_processor
-        smart_resize = getattr(sys.modules[type(image_processor).__module__], "smart_resize", None)
-        if smart_resize is None:
+        resized_height, resized_width = self._resized(width, height)
+        patches = (resized_height // image_processor.patch_size) * (resized_width // image_processor.patch_size)
+        return patches // image_processor.merge_size ** 2
+
+    @property
+    def max_image_tokens(self) -> int | None:
+        """The most image tokens one picture can become (dynamic_resolution: at the max_pixels budget), or None."""
+        if not self.dynamic_resolution:
             return None
-        factor = image_processor.patch_size * image_processor.merge_size
-        try:
-            smart_resize(height, width, factor=factor, min_pixels=image_processor.size["shortest_edge"],
-                         max_pixels=image_processor.size["longest_edge"])
-        except ValueError as error:
-            return f"the {type(image_processor).__name__} refuses it: {error}"
-        return None
+        image_processor = self.processor.image_processor
+        per_token = (image_processor.patch_size * image_processor.merge_size) ** 2
+        return image_processor.size["longest_edge"] // per_token
 
     def encode_record(self, images: list[Image.Image], turns: list[tuple[str, str]], max_length: int,
                       where: str = "record") -> dict:

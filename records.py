@@ -372,40 +372,42 @@ def record_where(record: dict) -> str:
     return f"{record['source']}: record {record['index']} (id {record['id']!r})"
 
 
-def check_image(path: Path, where: str, size_error=None) -> None:
+def check_image(path: Path, where: str, size_error=None) -> tuple[int, int]:
     """An image's header opens (data.open_image) and, with `size_error(width, height)` (the processor's own rule,
-    HFMLLM.image_size_error), its size is one the processor takes; DataError / FileNotFoundError naming `where`."""
+    HFMLLM.image_size_error), its size is one the processor takes; its (width, height), or DataError /
+    FileNotFoundError naming `where`."""
     width, height = open_image(path, where, header_only=True)
     problem = size_error(width, height) if size_error else None
     if problem:
         raise DataError(f"{where}: image {path} ({width} x {height}): {problem}")
+    return width, height
 
 
-_IMAGE_CHECK = None  # (store, folder, size_error) for check_images' forked worker processes
+_IMAGE_CHECK = None  # (store, folder, size_error, length_error) for check_images' forked worker processes
 
 
 def _check_record_images(index: int) -> str | None:
     """Why record `index`'s images fail --check-images, or None (runs in a forked worker: reads _IMAGE_CHECK)."""
-    store, folder, size_error = _IMAGE_CHECK
+    store, folder, size_error, length_error = _IMAGE_CHECK
     record = store[index]
     try:
-        for image in record["image"]:
-            check_image(folder / image, record_where(record), size_error)
+        sizes = [check_image(folder / image, record_where(record), size_error) for image in record["image"]]
     except (DataError, FileNotFoundError) as error:
         return str(error)
-    return None
+    return length_error(record, sizes) if length_error else None
 
 
 def check_images(store: CompactRecords, image_folder, skip_bad_records: bool, skipped: Skipped,
-                 workers: int | None = None, size_error=None) -> CompactRecords:
+                 workers: int | None = None, size_error=None, length_error=None) -> CompactRecords:
     """--check-images: every image's header opened, in `workers` forked processes (default: the CPUs this process
-    may use; opening a header is Python work, so threads would queue on the GIL); a missing or unreadable image, or
-    one whose size `size_error(width, height)` refuses (the processor's own rule, HFMLLM.image_size_error), stops
-    the run naming its record, or with skip_bad_records the record is left out and counted. The workers only read
-    files (no CUDA), so forking a process that holds a model is safe."""
+    may use; opening a header is Python work, so threads would queue on the GIL); a missing or unreadable image,
+    one whose size `size_error(width, height)` refuses (the processor's own rule, HFMLLM.image_size_error), or a
+    record `length_error(record, sizes)` names (its images' sizes known: loader.generic_length_check) stops the run
+    naming its record, or with skip_bad_records the record is left out and counted. The workers only read files
+    (no CUDA), so forking a process that holds a model is safe."""
     global _IMAGE_CHECK
     workers = workers or len(os.sched_getaffinity(0))
-    _IMAGE_CHECK = (store, Path(image_folder), size_error)
+    _IMAGE_CHECK = (store, Path(image_folder), size_error, length_error)
     try:
         progress = dict(total=len(store), unit="record", desc="--check-images", disable=len(store) < 10_000,
                         dynamic_ncols=True)

@@ -101,7 +101,8 @@ class TrainConfig:
                                        "loading: the record's place in its batch gets no label)")
     check_images: bool = _f(False, "also open every image's header before step 1 (a process per CPU), so that a "
                                    "missing or unreadable image, or one the processor refuses, is named (or skipped) "
-                                   "before training rather than when reached")
+                                   "before training rather than when reached; on Qwen2-VL / 2.5-VL / 3-VL also a "
+                                   "record whose picture leaves no room within --max-length")
     num_workers: int = _f(0, "DataLoader worker processes that tokenise and load images ahead of the step (0: in the "
                              "training process)")
     max_pixels: int = _f(0, "dynamic-resolution families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): at most this many pixels "
@@ -517,8 +518,9 @@ def check_test_splits(cfg: TrainConfig, world: int, size_error=None) -> None:
 
 def build_dataset(cfg: TrainConfig, mllm, rank: int, world: int) -> loader.LazySamples:
     """The training mix as lazily loaded samples: records.py's structural pass over every file (and with
-    --check-images every image's header), LLaVA-1.5 / VILA1.5 lengths against --max-length; a generic family's first
-    sample is made here, so that a --max-length too small for its image tokens stops the run before step 1."""
+    --check-images every image's header, and on a dynamic-resolution family every record's length), LLaVA-1.5 /
+    VILA1.5 lengths against --max-length; a generic family's first sample is made here, so that a --max-length too
+    small for its image tokens stops the run before step 1."""
     sources = training_sources(cfg)
     if cfg.train:
         image_folder = cfg.image_folder or str(Path(sources[0][2]).parent)
@@ -534,7 +536,13 @@ def build_dataset(cfg: TrainConfig, mllm, rank: int, world: int) -> loader.LazyS
     store = loader.checked_mix(mllm, sources, k, cfg.seed, cfg.max_length, cfg.skip_bad_records, skipped)
     if cfg.check_images:
         store = records.check_images(store, image_folder, cfg.skip_bad_records, skipped,
-                                     size_error=getattr(mllm, "image_size_error", None))
+                                     size_error=getattr(mllm, "image_size_error", None),
+                                     length_error=loader.generic_length_check(mllm, cfg.max_length, image_folder))
+    elif rank == 0 and (getattr(mllm, "max_image_tokens", None) or 0) >= cfg.max_length:
+        print(f"note: a picture at the processor's max_pixels becomes about {mllm.max_image_tokens} image tokens, "
+              f"over --max-length {cfg.max_length}: a record with a large picture stops the run when its batch loads "
+              "(or is skipped there with --skip-bad-records); --check-images names such records before step 1, and "
+              "--max-pixels lowers the budget")
     dataset = loader.LazySamples(store, image_folder, mllm, cfg.max_length, cfg.skip_bad_records)
     dataset.skipped = skipped
     if mllm.kind == "hf":

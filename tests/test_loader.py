@@ -288,7 +288,16 @@ def test_truncated_image_skipped_while_loading(synthetic_data_dir, tmp_path):
     assert len(batch["skipped"]) == 1 and batch["pixel_values"].shape[0] == 4
 
 
-def test_max_pixels_sets_qwens_budget(qwen, tmp_path):
+@pytest.fixture
+def own_budget(qwen):
+    """The module's Qwen2-VL with its processor's own pixel budget restored after the test."""
+    size = qwen.processor.image_processor.size
+    yield qwen
+    qwen.processor.image_processor.size = size
+
+
+def test_max_pixels_sets_qwens_budget(own_budget, tmp_path):
+    qwen = own_budget
     image = Image.new("RGB", (560, 560), (0, 0, 0))
     before = qwen.processed_prompt(qwen.render([("What?", None)]), image)["pixel_values"]["image_grid_thw"]
     import hf_models
@@ -315,6 +324,63 @@ def test_max_pixels_sets_qwens_budget(qwen, tmp_path):
     skipped = records.Skipped()
     kept = records.check_images(store, tmp_path, True, skipped, size_error=qwen.image_size_error)
     assert [r["id"] for r in kept] == ["0"] and len(skipped) == 1
+
+
+def test_image_tokens_from_the_header_equal_the_processors(qwen):
+    """HFMLLM.image_tokens (what --check-images reads from a header) against the processor's own expansion, on
+    Qwen2-VL and Qwen2.5-VL; families that do not size pictures by smart_resize tell nothing."""
+    for mllm in (qwen, hf_tiny.build("qwen2_5_vl")):
+        image_token = mllm.model.config.image_token_id
+        for size in [(32, 32), (560, 560), (640, 480), (1000, 37), (3000, 2000), (57, 911), (9, 9)]:
+            ids = mllm.processed_prompt(mllm.render([("What?", None)]), Image.new("RGB", size))["input_ids"]
+            assert mllm.image_tokens(*size) == int((ids == image_token).sum()), (mllm.model.config.model_type, size)
+        assert mllm.max_image_tokens == mllm.image_tokens(32, 32)  # the tiny processors' budget: 1024 pixels
+    for family in ("llava_onevision", "idefics3"):
+        other = hf_tiny.build(family)
+        assert not other.dynamic_resolution and other.image_tokens(32, 32) is None and other.max_image_tokens is None
+
+
+def test_check_images_names_a_record_with_no_room_before_step_1(qwen, tmp_path):
+    """--check-images on Qwen2-VL: a record whose first prompt (its pictures' tokens from their headers) leaves no
+    room for an answer token within --max-length is named before step 1, or skipped and counted; at one token
+    more it passes. Each record is tried at its own limit, so a bound that undercounted would let one through."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, size in [("big", (640, 480)), ("small", (9, 9)), ("thin", (1000, 37))]:
+        Image.new("RGB", size, (90, 20, 20)).save(folder / f"{name}.png")
+    rows = [record("one", image="images/big.png"), record("tiny", image="images/small.png"),
+            record("long", question="<image>\n" + "Qu'y a-t-il à gauche ? " * 12, image="images/thin.png"),
+            record("text", question="Name a colour.", image=None),
+            {**record("two", question="<image> left, <image> right: which is red?"),
+             "image": ["images/big.png", "images/thin.png"]}]
+    path = write_json(tmp_path / "q.json", rows)
+    store = records.mix([("open", "q", str(path))], None)
+    prompt_length = {}
+    for item in store:
+        images = [Image.open(tmp_path / image).convert("RGB") for image in item["image"]]
+        text, _ = qwen.conversation([tuple(turn) for turn in item["turns"]], "t", n_images=len(images))
+        prompt_length[item["id"]] = len(qwen.processed_prompt(text, images)["input_ids"])
+    assert len(set(prompt_length.values())) == len(rows)
+    for item in store:
+        fits = loader.generic_length_check(qwen, prompt_length[item["id"]] + 1, tmp_path)
+        assert fits(item, [Image.open(tmp_path / image).size for image in item["image"]]) is None
+    with pytest.raises(DataError, match="no usable record"):  # the shortest prompt's limit: none fits
+        records.check_images(store, tmp_path, True, records.Skipped(),
+                             length_error=loader.generic_length_check(qwen, min(prompt_length.values()), tmp_path))
+    for victim, limit in prompt_length.items():
+        if limit == min(prompt_length.values()):
+            continue
+        skipped = records.Skipped()
+        check = loader.generic_length_check(qwen, limit, tmp_path)
+        kept = records.check_images(store, tmp_path, True, skipped, length_error=check)
+        too_long = sorted(name for name, length in prompt_length.items() if length >= limit)
+        assert sorted(set(prompt_length) - {r["id"] for r in kept}) == too_long and victim in too_long
+        assert len(skipped) == len(too_long)
+        if len(too_long) == 1:
+            with pytest.raises(DataError, match=rf"q: record \d+ \(id '{victim}'\): the prompt is {limit} tokens and "
+                                                rf"leaves no room for an answer token within max_length={limit}"):
+                records.check_images(store, tmp_path, False, records.Skipped(), length_error=check)
+    assert loader.generic_length_check(models.load_model("tiny-llava"), 256, tmp_path) is None
 
 
 def test_open_test_split_exact_match(tmp_path):
