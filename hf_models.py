@@ -31,7 +31,7 @@ data.collate merges and methods.model_forward unpacks into the model call. A sam
 user turn; a text-only sample has none (`render`, n_images=0); several images (MULTI_IMAGE families, train.py's lazy
 path) go where the record's `<image>` placeholders are, each its own rows, so that Eq. (2) treats each image alone.
 `set_resolution` is train.py's --max-pixels / --min-pixels; `image_size_error` and `image_tokens` (a picture's
-tokens from its size) its --check-images rules.
+tokens from its size) serve --check-images.
 
 Not here: videos, several images on Idefics3 / SmolVLM (one row holds every image's tiles), modality interference
 (needs `embed`),
@@ -357,15 +357,23 @@ class HFMLLM:
             return f"the {type(self.processor.image_processor).__name__} refuses it: {error}"
         return None
 
-    def image_tokens(self, width: int, height: int) -> int | None:
-        """The image tokens the processor makes of a picture of this size (dynamic_resolution: one per merge x merge
-        patches of the resized picture), or None where the size does not tell (other families)."""
-        if not self.dynamic_resolution:
-            return None
-        image_processor = self.processor.image_processor
-        resized_height, resized_width = self._resized(width, height)
-        patches = (resized_height // image_processor.patch_size) * (resized_width // image_processor.patch_size)
-        return patches // image_processor.merge_size ** 2
+    def image_tokens(self, width: int, height: int) -> int:
+        """How many tokens a picture of this size adds to a prompt. A dynamic-resolution family: one per merge x
+        merge patches of smart_resize's picture (no picture is made); another: the processor's prompt with a blank
+        picture of that size, less the same template's prompt without one (the count depends only on the size;
+        cached per size)."""
+        if self.dynamic_resolution:
+            image_processor = self.processor.image_processor
+            resized_height, resized_width = self._resized(width, height)
+            patches = (resized_height // image_processor.patch_size) * (resized_width // image_processor.patch_size)
+            return patches // image_processor.merge_size ** 2
+        by_size = self.__dict__.setdefault("_image_tokens_by_size", {})
+        if (width, height) not in by_size:
+            blank = Image.new("RGB", (width, height))
+            with_picture = self.processed_prompt(self.render([("?", None)], 1), blank, f"a {width} x {height} picture")
+            without = self.processed_prompt(self.render([("?", None)], 0), [])
+            by_size[width, height] = len(with_picture["input_ids"]) - len(without["input_ids"])
+        return by_size[width, height]
 
     @property
     def max_image_tokens(self) -> int | None:

@@ -15,9 +15,8 @@ DataLoader asks for it, in its worker processes (train.py --num-workers), never 
   checked before step 1, in the structural pass (records.mix): a bound from the text's UTF-8 size (a token covers
   at least one byte) settles almost every record without tokenising it; the rest are tokenised exactly.
   Generic families expand an image into a number of tokens that depends on its size: their lengths are checked
-  while loading (above), the first record's before step 1; with --check-images on a dynamic-resolution family
-  (Qwen2-VL, 2.5-VL, 3-VL), whose image tokens follow from the size in the header, every record's before step 1
-  (`generic_length_check`).
+  while loading (above), the first record's before step 1; with --check-images, which reads every picture's size
+  from its header, every record's before step 1 (`generic_length_check`).
 - `batch_loader`: a DataLoader over train.py's micro-batches of one epoch (a list of index lists), collated by
   the model, `num_workers` worker processes (0: in the training process), two batches ahead per worker.
 
@@ -126,15 +125,16 @@ def vicuna_length_check(mllm, max_length: int):
 
 
 def generic_length_check(mllm, max_length: int, image_folder):
-    """A `length_error(record, sizes)` for records.check_images on a dynamic-resolution family (HFMLLM.image_tokens
-    tells a picture's image tokens from its size), else None: why the record's first prompt leaves no room for an
-    answer token within max_length (the rule of HFMLLM.encode_conversation, which would stop the run when the
-    record's batch loads), or None. A bound settles almost every record without opening its pictures: the image
-    tokens, plus the tokens of the template's prompt around a one-letter question (measured once), plus the
-    question's UTF-8 bytes (a byte-level BPE token, Qwen's, covers at least one byte; the template's special tokens
-    around the question keep its tokens apart from the template's), plus 8; a record above it, and every
+    """A `length_error(record, sizes)` for records.check_images on a generic family (sizes: the record's pictures'
+    (width, height) from their headers), None on LLaVA-1.5 / VILA1.5 (checked in the structural pass): why the
+    record's first prompt leaves no room for an answer token within max_length (the rule of
+    HFMLLM.encode_conversation, which would stop the run when the record's batch loads), or None. A bound settles
+    almost every record without opening its pictures: the prompt of a one-letter question with a picture of that
+    size (HFMLLM.image_tokens; measured once per template), plus the question's UTF-8 bytes (a token of a
+    byte-level BPE, or of a SentencePiece with byte fallback, covers at least one byte; the template's special
+    tokens around the question keep its tokens apart from the template's), plus 8; a record above it, and every
     multi-image record (the template may add text between its parts), is made exactly (encode_record)."""
-    if getattr(mllm, "kind", "") != "hf" or not mllm.dynamic_resolution:
+    if getattr(mllm, "kind", "") != "hf":
         return None
     folder = Path(image_folder)
     probe = Image.new("RGB", (64, 64))
@@ -142,17 +142,17 @@ def generic_length_check(mllm, max_length: int, image_folder):
              - n * mllm.image_tokens(*probe.size) - 1 for n in (0, 1)}
 
     def length_error(record, sizes) -> str | None:
-        question = record["turns"][0][0]
-        if len(sizes) < 2:
-            bound = sum(mllm.image_tokens(*size) for size in sizes) + frame[len(sizes)] + len(question.encode()) + 8
-            if bound < max_length:
-                return None
         where = records.record_where(record)
         try:
+            if len(sizes) < 2:
+                question = record["turns"][0][0]
+                pictures = sum(mllm.image_tokens(*size) for size in sizes)
+                if pictures + frame[len(sizes)] + len(question.encode("utf-8")) + 8 < max_length:
+                    return None
             images = [open_image(folder / path, where) for path in record["image"]]
             mllm.encode_record(images, [tuple(turn) for turn in record["turns"]], max_length, where)
         except DataError as error:
-            return str(error)
+            return str(error) if str(error).startswith(where) else f"{where}: {error}"
         return None
 
     return length_error

@@ -101,8 +101,8 @@ class TrainConfig:
                                        "loading: the record's place in its batch gets no label)")
     check_images: bool = _f(False, "also open every image's header before step 1 (a process per CPU), so that a "
                                    "missing or unreadable image, or one the processor refuses, is named (or skipped) "
-                                   "before training rather than when reached; on Qwen2-VL / 2.5-VL / 3-VL also a "
-                                   "record whose picture leaves no room within --max-length")
+                                   "before training rather than when reached; on a generic family (Qwen2-VL, ...) also "
+                                   "a record whose pictures leave no room within --max-length")
     num_workers: int = _f(0, "DataLoader worker processes that tokenise and load images ahead of the step (0: in the "
                              "training process)")
     max_pixels: int = _f(0, "dynamic-resolution families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): at most this many pixels "
@@ -518,8 +518,8 @@ def check_test_splits(cfg: TrainConfig, world: int, size_error=None) -> None:
 
 def build_dataset(cfg: TrainConfig, mllm, rank: int, world: int) -> loader.LazySamples:
     """The training mix as lazily loaded samples: records.py's structural pass over every file (and with
-    --check-images every image's header, and on a dynamic-resolution family every record's length), LLaVA-1.5 /
-    VILA1.5 lengths against --max-length; a generic family's first sample is made here, so that a --max-length too
+    --check-images every image's header, and on a generic family every record's length), LLaVA-1.5 / VILA1.5
+    lengths against --max-length; a generic family's first sample is made here, so that a --max-length too
     small for its image tokens stops the run before step 1."""
     sources = training_sources(cfg)
     if cfg.train:

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 import data
 import evaluate
+import hf_models
 import hf_tiny
 import loader
 import models
@@ -327,23 +328,23 @@ def test_max_pixels_sets_qwens_budget(own_budget, tmp_path):
 
 
 def test_image_tokens_from_the_header_equal_the_processors(qwen):
-    """HFMLLM.image_tokens (what --check-images reads from a header) against the processor's own expansion, on
-    Qwen2-VL and Qwen2.5-VL; families that do not size pictures by smart_resize tell nothing."""
+    """HFMLLM.image_tokens (what --check-images reads from a header) on Qwen2-VL and Qwen2.5-VL, by smart_resize's
+    grid without a picture, against the processor's own expansion of a real one."""
     for mllm in (qwen, hf_tiny.build("qwen2_5_vl")):
         image_token = mllm.model.config.image_token_id
         for size in [(32, 32), (560, 560), (640, 480), (1000, 37), (3000, 2000), (57, 911), (9, 9)]:
             ids = mllm.processed_prompt(mllm.render([("What?", None)]), Image.new("RGB", size))["input_ids"]
             assert mllm.image_tokens(*size) == int((ids == image_token).sum()), (mllm.model.config.model_type, size)
         assert mllm.max_image_tokens == mllm.image_tokens(32, 32)  # the tiny processors' budget: 1024 pixels
-    for family in ("llava_onevision", "idefics3"):
-        other = hf_tiny.build(family)
-        assert not other.dynamic_resolution and other.image_tokens(32, 32) is None and other.max_image_tokens is None
 
 
-def test_check_images_names_a_record_with_no_room_before_step_1(qwen, tmp_path):
-    """--check-images on Qwen2-VL: a record whose first prompt (its pictures' tokens from their headers) leaves no
-    room for an answer token within --max-length is named before step 1, or skipped and counted; at one token
-    more it passes. Each record is tried at its own limit, so a bound that undercounted would let one through."""
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision", "idefics3"])
+def test_check_images_names_a_record_with_no_room_before_step_1(family, qwen, tmp_path):
+    """--check-images on a generic family: a record whose first prompt (its pictures' tokens from their headers)
+    leaves no room for an answer token within --max-length is named before step 1, or skipped and counted; at one
+    token more it passes. Each record is tried at its own limit, so a bound that undercounted would let one
+    through (a bound 9 tokens lower does)."""
+    mllm = qwen if family == "qwen2_vl" else hf_tiny.build(family)
     folder = tmp_path / "images"
     folder.mkdir()
     for name, size in [("big", (640, 480)), ("small", (9, 9)), ("thin", (1000, 37))]:
@@ -351,27 +352,29 @@ def test_check_images_names_a_record_with_no_room_before_step_1(qwen, tmp_path):
     rows = [record("one", image="images/big.png"), record("tiny", image="images/small.png"),
             record("long", question="<image>\n" + "Qu'y a-t-il à gauche ? " * 12, image="images/thin.png"),
             record("text", question="Name a colour.", image=None),
-            {**record("two", question="<image> left, <image> right: which is red?"),
-             "image": ["images/big.png", "images/thin.png"]}]
+            record("bytes", question="<image>\n" + "éàü" * 5, image="images/big.png")]  # a token per byte here
+    if family in hf_models.MULTI_IMAGE:
+        rows.append({**record("two", question="<image> left, <image> right: which is red?"),
+                     "image": ["images/big.png", "images/thin.png"]})
     path = write_json(tmp_path / "q.json", rows)
     store = records.mix([("open", "q", str(path))], None)
     prompt_length = {}
     for item in store:
         images = [Image.open(tmp_path / image).convert("RGB") for image in item["image"]]
-        text, _ = qwen.conversation([tuple(turn) for turn in item["turns"]], "t", n_images=len(images))
-        prompt_length[item["id"]] = len(qwen.processed_prompt(text, images)["input_ids"])
-    assert len(set(prompt_length.values())) == len(rows)
+        text, _ = mllm.conversation([tuple(turn) for turn in item["turns"]], "t", n_images=len(images))
+        prompt_length[item["id"]] = len(mllm.processed_prompt(text, images)["input_ids"])
     for item in store:
-        fits = loader.generic_length_check(qwen, prompt_length[item["id"]] + 1, tmp_path)
+        fits = loader.generic_length_check(mllm, prompt_length[item["id"]] + 1, tmp_path)
         assert fits(item, [Image.open(tmp_path / image).size for image in item["image"]]) is None
+    shortest = min(prompt_length.values())
     with pytest.raises(DataError, match="no usable record"):  # the shortest prompt's limit: none fits
         records.check_images(store, tmp_path, True, records.Skipped(),
-                             length_error=loader.generic_length_check(qwen, min(prompt_length.values()), tmp_path))
+                             length_error=loader.generic_length_check(mllm, shortest, tmp_path))
     for victim, limit in prompt_length.items():
-        if limit == min(prompt_length.values()):
+        if limit == shortest:
             continue
         skipped = records.Skipped()
-        check = loader.generic_length_check(qwen, limit, tmp_path)
+        check = loader.generic_length_check(mllm, limit, tmp_path)
         kept = records.check_images(store, tmp_path, True, skipped, length_error=check)
         too_long = sorted(name for name, length in prompt_length.items() if length >= limit)
         assert sorted(set(prompt_length) - {r["id"] for r in kept}) == too_long and victim in too_long
