@@ -361,10 +361,14 @@ class HFMLLM:
         """How many tokens a picture of this size adds to a prompt. A dynamic-resolution family: one per merge x
         merge patches of smart_resize's picture (no picture is made); another: the processor's prompt with a blank
         picture of that size, less the same template's prompt without one (the count depends only on the size;
-        cached per size)."""
+        cached per size). DataError for a size the processor refuses."""
         if self.dynamic_resolution:
             image_processor = self.processor.image_processor
-            resized_height, resized_width = self._resized(width, height)
+            try:
+                resized_height, resized_width = self._resized(width, height)
+            except ValueError as error:
+                raise DataError(f"a {width} x {height} picture: the {type(image_processor).__name__} refuses it: "
+                                f"{error}") from None
             patches = (resized_height // image_processor.patch_size) * (resized_width // image_processor.patch_size)
             return patches // image_processor.merge_size ** 2
         by_size = self.__dict__.setdefault("_image_tokens_by_size", {})

@@ -336,6 +336,8 @@ def test_image_tokens_from_the_header_equal_the_processors(qwen):
             ids = mllm.processed_prompt(mllm.render([("What?", None)]), Image.new("RGB", size))["input_ids"]
             assert mllm.image_tokens(*size) == int((ids == image_token).sum()), (mllm.model.config.model_type, size)
         assert mllm.max_image_tokens == mllm.image_tokens(32, 32)  # the tiny processors' budget: 1024 pixels
+        with pytest.raises(DataError, match="a 2000 x 3 picture: the .* refuses it: absolute aspect ratio"):
+            mllm.image_tokens(2000, 3)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision", "idefics3"])
