@@ -363,12 +363,11 @@ class HFMLLM:
         picture of that size, less the same template's prompt without one (the count depends only on the size;
         cached per size). DataError for a size the processor refuses."""
         if self.dynamic_resolution:
+            refused = self.image_size_error(width, height)
+            if refused:
+                raise DataError(f"a {width} x {height} picture: {refused}")
             image_processor = self.processor.image_processor
-            try:
-                resized_height, resized_width = self._resized(width, height)
-            except ValueError as error:
-                raise DataError(f"a {width} x {height} picture: the {type(image_processor).__name__} refuses it: "
-                                f"{error}") from None
+            resized_height, resized_width = self._resized(width, height)
             patches = (resized_height // image_processor.patch_size) * (resized_width // image_processor.patch_size)
             return patches // image_processor.merge_size ** 2
         by_size = self.__dict__.setdefault("_image_tokens_by_size", {})

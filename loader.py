@@ -59,11 +59,8 @@ class LazySamples(torch.utils.data.Dataset):
     def sample(self, index: int) -> dict:
         """Record `index` as a sample; DataError / FileNotFoundError naming it when it cannot be made."""
         record = self.store[index]
-        where = records.record_where(record)
-        images = [open_image(self.image_folder / path, where) for path in record["image"]]
-        turns = [tuple(turn) for turn in record["turns"]]
-        encoded = self.mllm.encode_record(images, turns, self.max_length, where)
-        answer = turns[0][1]
+        encoded = encode_stored(record, self.image_folder, self.mllm, self.max_length)
+        answer = record["turns"][0][1]
         return {"id": record["id"], "task": record["task"], "source": record["source"], **encoded,
                 "answer": answer, "references": list(record.get("references") or [answer])}
 
@@ -89,6 +86,14 @@ class LazySamples(torch.utils.data.Dataset):
             except (DataError, FileNotFoundError):
                 continue
         raise DataError(f"no record of the training mix loads (the last tried: {index})")
+
+
+def encode_stored(record: dict, image_folder: Path, mllm, max_length: int) -> dict:
+    """A stored record through the model's `encode_record`, its images opened from `image_folder`; DataError /
+    FileNotFoundError naming the record when it cannot be made."""
+    where = records.record_where(record)
+    images = [open_image(image_folder / path, where) for path in record["image"]]
+    return mllm.encode_record(images, [tuple(turn) for turn in record["turns"]], max_length, where)
 
 
 def checked_mix(mllm, sources, samples_per_dataset: int | None, seed: int, max_length: int,
@@ -149,8 +154,7 @@ def generic_length_check(mllm, max_length: int, image_folder):
                 pictures = sum(mllm.image_tokens(*size) for size in sizes)
                 if pictures + frame[len(sizes)] + len(question.encode("utf-8")) + 8 < max_length:
                     return None
-            images = [open_image(folder / path, where) for path in record["image"]]
-            mllm.encode_record(images, [tuple(turn) for turn in record["turns"]], max_length, where)
+            encode_stored(record, folder, mllm, max_length)
         except DataError as error:
             return str(error) if str(error).startswith(where) else f"{where}: {error}"
         return None
